@@ -1,0 +1,122 @@
+"""Callbacks shared by every paradigm."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger("unifuse")
+
+
+class ImageLogger(L.Callback):
+    """Calls ``pl_module.log_images(batch)`` on the first validation batch (rank 0 only), writes each
+    grid as PNG under ``<run dir>/images`` and logs it to W&B with its captions."""
+
+    def __init__(self, out_dir: str, every_n_epochs: int = 1, nrow: int = 8):
+        self.out_dir, self.every_n_epochs, self.nrow = Path(out_dir), every_n_epochs, nrow
+        self.written: list[Path] = []
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or trainer.sanity_checking or not hasattr(pl_module, "log_images"):
+            return
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        grids = pl_module.log_images(batch)
+        pl_module.train(was_training)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, (images, captions) in grids.items():
+            images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+            nrow = min(self.nrow, len(images)) if name != "reconstructions" else max(1, len(images) // 2)
+            nrow = min(nrow, 16)
+            path = self.out_dir / f"{name}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:07d}.png"
+            save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+            self.written.append(path)
+            for lg in trainer.loggers:
+                if isinstance(lg, WandbLogger):
+                    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+                    caption = "; ".join(captions[:nrow]) if captions else name
+                    lg.log_image(key=f"images/{name}", images=[grid], caption=[caption], step=trainer.global_step)
+
+
+class DataStatsCallback(L.Callback):
+    """Sums the ``data_stats`` counters that batches carry (skipped samples by reason, conversions,
+    refills), over workers and ranks, and logs them at the end of each epoch."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.total: Counter = Counter()
+
+    def _add(self, batch) -> None:
+        if isinstance(batch, dict) and batch.get("data_stats"):
+            self.counts.update(batch["data_stats"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._add(batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._add(batch)
+
+    def _flush(self, trainer, pl_module, split: str) -> None:
+        counts = self.counts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, dict(counts))
+            counts = Counter()
+            for g in gathered:
+                counts.update(g)
+        self.counts = Counter()
+        if not counts:
+            return
+        self.total.update(counts)
+        if trainer.is_global_zero:
+            log.info("data (%s, epoch %d): %s", split, trainer.current_epoch,
+                     ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            for lg in trainer.loggers:
+                lg.log_metrics({f"data/{k}": float(v) for k, v in self.total.items()}, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._flush(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._flush(trainer, pl_module, "val")
+        else:
+            self.counts = Counter()
+
+
+class ThroughputMonitor(L.Callback):
+    """Samples/s and step time from wall-clock time between training batches (rank 0 view)."""
+
+    def __init__(self, log_every_n_steps: int = 50):
+        self.every = log_every_n_steps
+        self._t0 = None
+        self._n = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        if self._t0 is None:
+            self._t0, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        x = batch.get("image") if isinstance(batch, dict) else None
+        x = x if x is not None else (batch.get("tokens") if isinstance(batch, dict) else None)
+        self._n += len(x) if isinstance(x, torch.Tensor) else 0
+        if (batch_idx + 1) % self.every == 0:
+            dt = time.perf_counter() - self._t0
+            pl_module.log_dict({"perf/samples_per_s": self._n * trainer.world_size / dt,
+                                "perf/step_time_s": dt / self.every}, rank_zero_only=True)
+            self._t0, self._n = time.perf_counter(), 0
