@@ -120,3 +120,26 @@ class ThroughputMonitor(L.Callback):
             pl_module.log_dict({"perf/samples_per_s": self._n * trainer.world_size / dt,
                                 "perf/step_time_s": dt / self.every}, rank_zero_only=True)
             self._t0, self._n = time.perf_counter(), 0
+
+
+class SampleAudit(L.Callback):
+    """Records, per rank, how many training batches ran in each epoch and which sample keys they
+    held, into ``<out_dir>/rank<r>.json``. For checking data plans (equal batches on every rank,
+    no sample twice in an epoch): ``+callbacks.audit={_target_: unifuse.callbacks.SampleAudit, ...}``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.epochs: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        e = self.epochs.setdefault(trainer.current_epoch, {"batches": 0, "keys": []})
+        e["batches"] += 1
+        e["keys"].extend(batch.get("key", []) if isinstance(batch, dict) else [])
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
+                                    "epochs": self.epochs}))

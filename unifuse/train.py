@@ -90,7 +90,8 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     if loggers:
-        hparams = OmegaConf.to_container(cfg, resolve=True)
+        hparams = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                   for k in cfg if k != "hydra"}
         for lg in loggers:
             lg.log_hyperparams(hparams)
 
