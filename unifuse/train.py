@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from unifuse import config as _config  # noqa: F401  (registers schemas and resolvers)
 
 log = logging.getLogger("unifuse")
+# 1x1 conv weight grads come back with arbitrary strides on their size-1 dims; DDP warns though
+# the layouts are equivalent (no copy, no slowdown).
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 _RANK_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")

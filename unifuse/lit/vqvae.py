@@ -48,15 +48,17 @@ class VQVAEModule(UnifuseModule):
                       prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()}, sync_dist=False)
+        self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()})  # torchmetrics syncs
         self.psnr.reset()
         self.ssim.reset()
         u = self.net.quantizer.usage_stats("eval")
-        self.log_dict({"val/codebook_usage": u["usage"], "val/codebook_perplexity": u["perplexity"]})
+        # already global (all-reduced counts): identical on every rank
+        self.log_dict({"val/codebook_usage": u["usage"], "val/codebook_perplexity": u["perplexity"]}, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         u = self.net.quantizer.usage_stats("train")
-        self.log_dict({"train/codebook_usage": u["usage"], "train/codebook_perplexity": u["perplexity"]})
+        self.log_dict({"train/codebook_usage": u["usage"], "train/codebook_perplexity": u["perplexity"]},
+                      sync_dist=True)
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict:

@@ -42,7 +42,7 @@ class VQVAE(nn.Module):
     def quantize(self, images: torch.Tensor):
         z = self.quant_proj(self.encoder(images))  # B, D, h, w
         zq, idx, loss = self.quantizer(z.permute(0, 2, 3, 1))
-        return zq.permute(0, 3, 1, 2), idx, loss
+        return zq.permute(0, 3, 1, 2).contiguous(), idx, loss
 
     def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_proj(zq))
@@ -60,7 +60,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """code indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (not clamped)."""
-        zq = self.quantizer.lookup(indices).permute(0, 3, 1, 2)
+        zq = self.quantizer.lookup(indices).permute(0, 3, 1, 2).contiguous()
         return self.decode_latent(zq)
 
 
