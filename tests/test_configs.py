@@ -77,3 +77,10 @@ def test_run_dirs_do_not_collide_and_torchrun_ranks_agree(monkeypatch):
         if rank == 0:
             first = ids
     assert ids == first and "torchrun_" in ids
+
+
+def test_slurm_launcher_composes_from_the_trainer():
+    cfg = _compose(["hydra/launcher=slurm", "experiment=vqvae_emoji_h100"])
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_.lower()
+    assert launcher.tasks_per_node == 8 and launcher.gpus_per_node == 8 and launcher.nodes == 1

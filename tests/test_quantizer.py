@@ -4,13 +4,16 @@ import torch
 from torch.nn import functional as F
 
 from unifuse.models.autoencoder import AutoencoderConfig
-from unifuse.models.quantize import QuantizerConfig, VectorQuantizer, squared_distances
+from unifuse.models.quantize import QuantizerConfig, VectorQuantizer, nearest_code, squared_distances
 from unifuse.models.vqvae import VQVAE
 
 
 def test_distances_match_cdist():
     z, e = torch.randn(300, 8), torch.randn(64, 8)
     torch.testing.assert_close(squared_distances(z, e), torch.cdist(z, e).pow(2), rtol=1e-4, atol=1e-4)
+    # chunked nearest-code search: same answer whatever the chunk size
+    for chunk in (7, 64, 4096):
+        assert torch.equal(nearest_code(z, e, chunk=chunk), torch.cdist(z, e).argmin(1))
 
 
 def test_nearest_code_losses_and_straight_through():

@@ -47,6 +47,17 @@ def squared_distances(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.addmm(e2.unsqueeze(0), z, codes.t(), beta=1.0, alpha=-2.0).add_(z2)
 
 
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """argmin_k |z_i - e_k|^2. |z_i|^2 is the same for every k, so the argmin only needs
+    |e|^2 - 2 z.e: one GEMM with the bias folded in (addmm). Rows go in chunks so the M x K
+    distance matrix never has to exist at once (16384 x 8192 floats would be 512 MB)."""
+    e2 = codes.pow(2).sum(1).unsqueeze(0)
+    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for i in range(0, z.shape[0], chunk):
+        out[i : i + chunk] = torch.addmm(e2, z[i : i + chunk], codes.t(), alpha=-2.0).argmin(1)
+    return out
+
+
 class VectorQuantizer(nn.Module):
     """Quantizes the last dimension of its input. Returns (z_q, indices, loss)."""
 
@@ -92,7 +103,7 @@ class VectorQuantizer(nn.Module):
             z = F.normalize(z, dim=1)
         codes = self.codebook()
         with torch.no_grad():
-            indices = squared_distances(z, codes.detach()).argmin(1)
+            indices = nearest_code(z, codes.detach())
         z_q = F.embedding(indices, codes)
 
         commit = F.mse_loss(z, z_q.detach())

@@ -1,0 +1,39 @@
+# unifuse: `make train` to see it work, `make test` to check it. `make help` lists everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DATA   := data/emoji32/train/_index.json
+ARGS   ?=
+
+.PHONY: help setup data train test bench lint clean
+
+help:  ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## virtualenv in .venv with unifuse installed editable (+dev extra); idempotent
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+data: setup  ## build the embedded emoji dataset (32x32) into data/ if missing
+	@test -f $(DATA) || $(BIN)/python -m unifuse.data build emoji --size 32
+
+train: setup data  ## train the default VQ-VAE on emoji (minutes on CPU); extra overrides in ARGS="..."
+	$(BIN)/python -m unifuse.train experiment=vqvae_emoji $(ARGS)
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: setup data  ## run the benchmarks under experiments/bench and print their figures
+	$(BIN)/python experiments/bench/loader.py
+	$(BIN)/python experiments/bench/vqvae.py
+
+lint: setup  ## ruff
+	$(BIN)/ruff check unifuse tests experiments
+
+clean:  ## remove run outputs (keeps .venv and data/)
+	rm -rf outputs multirun wandb lightning_logs
