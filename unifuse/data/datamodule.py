@@ -1,0 +1,131 @@
+"""LightningDataModule over webdataset shards (see stream.py for the per-rank plan)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from unifuse.data.samples import DecodeConfig
+from unifuse.data.shards import expand_shards
+from unifuse.data.stream import ShardStream, Source, worker_init_threads
+
+log = logging.getLogger("unifuse.data")
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams training sources mixed by weight and one validation source.
+
+    Args:
+        train: ``{name: {"shards": spec, "weight": w}}``; a spec is a directory, glob, brace
+            pattern or list of them.
+        val: shard spec of the validation split (or None).
+        collator: builds batches (``ImageCollator`` / ``PackingCollator``); its batch size is the
+            per-rank batch size.
+        val_collator: defaults to a fresh copy of ``collator``.
+        build: name of an embedded dataset (``emoji``/``fashion_mnist``) built by ``prepare_data``
+            into ``build_dir`` when its shards are missing, with ``build_args``.
+        mode: ``epoch`` (default; exact epochs, no repeats) or ``resampled``.
+    """
+
+    def __init__(self, train: Mapping, collator, val: str | list | None = None, val_collator=None,
+                 decode: DecodeConfig | None = None, num_workers: int = 2, mode: str = "epoch",
+                 batches_per_epoch: int | None = None, val_batches: int | None = None,
+                 shuffle_buffer: int = 1000, seed: int = 0, pin_memory: bool = False,
+                 build: str | None = None, build_dir: str | None = None, build_args: Mapping | None = None):
+        super().__init__()
+        self.train_spec = {k: v for k, v in dict(train).items() if v is not None}  # null removes a source
+        self.val_spec = val
+        self.collator, self.val_collator = collator, val_collator or collator.fresh()
+        self.decode = decode or DecodeConfig()
+        self.num_workers, self.mode, self.batches_per_epoch = num_workers, mode, batches_per_epoch
+        self.val_batches, self.shuffle_buffer, self.seed, self.pin_memory = val_batches, shuffle_buffer, seed, pin_memory
+        self.build, self.build_dir, self.build_args = build, build_dir, dict(build_args or {})
+
+    # ------------------------------------------------------------------ data preparation
+    def _missing(self) -> bool:
+        try:
+            for spec in self.train_spec.values():
+                expand_shards(spec["shards"])
+            if self.val_spec:
+                expand_shards(self.val_spec)
+        except FileNotFoundError:
+            return True
+        return False
+
+    def prepare_data(self) -> None:
+        if not self._missing():
+            return
+        if not self.build:
+            raise FileNotFoundError(
+                f"training shards not found ({self.train_spec}); write some with `python -m unifuse.data write` "
+                "or set data.build to an embedded dataset"
+            )
+        from unifuse.data import builders
+
+        log.info("building the embedded %s dataset into %s", self.build, self.build_dir)
+        fn = {"emoji": builders.build_emoji, "fashion_mnist": builders.build_fashion_mnist}[self.build]
+        fn(out=self.build_dir, **self.build_args)
+
+    # ------------------------------------------------------------------ loaders
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _loader(self, stream: ShardStream) -> DataLoader:
+        nw = self.num_workers
+        return DataLoader(stream, batch_size=None, num_workers=nw, persistent_workers=nw > 0,
+                          pin_memory=self.pin_memory, worker_init_fn=worker_init_threads if nw else None,
+                          prefetch_factor=4 if nw else None)
+
+    def train_stream(self) -> ShardStream:
+        rank, world = self._rank()
+        sources = [Source(name, spec["shards"], float(spec.get("weight", 1.0)))
+                   for name, spec in self.train_spec.items()]
+        stream = ShardStream(sources, self.collator, self.decode, mode=self.mode,
+                             batches_per_epoch=self.batches_per_epoch, shuffle=True,
+                             shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world)
+        if self.trainer is not None:
+            stream.set_epoch(self.trainer.current_epoch)
+        return stream
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_stream())
+
+    def val_dataloader(self):
+        if not self.val_spec:
+            return []
+        rank, world = self._rank()
+        stream = ShardStream([Source("val", self.val_spec)], self.val_collator, self.decode, mode="epoch",
+                             batches_per_epoch=self.val_batches, shuffle=False, seed=self.seed,
+                             rank=rank, world_size=world)
+        return self._loader(stream)
+
+    # ------------------------------------------------------------------ device side
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        img = batch.get("image") if isinstance(batch, dict) else None
+        if img is not None and img.dtype == torch.uint8:  # uint8 over IPC/PCIe, floats on the device
+            batch["image"] = img.float().div_(127.5).sub_(1.0)
+        return batch
+
+    def fixed_examples(self, n: int, split: str = "val") -> list[dict]:
+        """The first n decoded samples of a split, for fixed-prompt sample grids."""
+        from unifuse.data.samples import SkipSample, decode_sample
+        from unifuse.data.stream import _raw_samples
+        from collections import Counter
+
+        spec = self.val_spec if split == "val" else next(iter(self.train_spec.values()))["shards"]
+        out, stats = [], Counter()
+        for url in expand_shards(spec):
+            for raw in _raw_samples(url, 0, None, stats):
+                try:
+                    out.append(decode_sample(raw, self.decode, stats))
+                except SkipSample:
+                    continue
+                if len(out) >= n:
+                    return out
+        return out

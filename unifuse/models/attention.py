@@ -1,0 +1,124 @@
+"""One attention entry point for every mask the framework needs.
+
+A :class:`MaskSpec` describes the mask by per-position ids instead of a dense matrix:
+
+* ``doc_id`` (B, L): positions attend only within their document (packed sequences); -1 marks
+  padding, which attends to nothing real and is attended by nothing real.
+* ``image_id`` (B, L): positions of one image block (>= 0) see each other bidirectionally
+  (Transfusion); -1 elsewhere.
+* ``causal``: key index <= query index (plus the image-block exception); ``False`` gives
+  bidirectional attention within each document (MaskGIT).
+
+The same mask function is executed three ways (and they give the same numbers):
+
+* ``sdpa`` causal fast path: no ids, no cache offset -> ``is_causal=True``;
+* ``dense``: a boolean (B, 1, Lq, Lk) mask built from the mask function, through SDPA. Used for
+  CPU training (FlexAttention has no CPU backward) and small decoding steps;
+* ``flex``: a FlexAttention ``BlockMask`` from the same mask function, skipping fully masked
+  blocks. The default on CUDA; on CPU it runs for inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class MaskSpec:
+    causal: bool = True
+    doc_id: torch.Tensor | None = None  # (B, Lk) for keys; queries use the last Lq entries
+    image_id: torch.Tensor | None = None  # (B, Lk)
+
+    @property
+    def plain_causal(self) -> bool:
+        return self.causal and self.doc_id is None and self.image_id is None
+
+
+def mask_function(spec: MaskSpec, q_offset: int):
+    """mask_mod(b, h, q_idx, kv_idx) -> bool, with query i at absolute index q_offset + i."""
+    doc, img, causal = spec.doc_id, spec.image_id, spec.causal
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qa = q_idx + q_offset
+        allowed = (kv_idx <= qa) if causal else (kv_idx >= 0)
+        if img is not None:
+            qi, ki = img[b, qa], img[b, kv_idx]
+            allowed = allowed | ((qi == ki) & (qi >= 0))
+        if doc is not None:
+            allowed = allowed & (doc[b, qa] == doc[b, kv_idx]) & (doc[b, kv_idx] >= 0)
+        return allowed
+
+    return mask_mod
+
+
+def dense_mask(spec: MaskSpec, lq: int, lk: int, device) -> torch.Tensor:
+    """Boolean (B or 1, 1, lq, lk) mask: True = attend. Queries are the last lq of lk positions."""
+    q_offset = lk - lq
+    b = spec.doc_id.shape[0] if spec.doc_id is not None else (spec.image_id.shape[0] if spec.image_id is not None else 1)
+    bi = torch.arange(b, device=device)[:, None, None]
+    qi = torch.arange(lq, device=device)[None, :, None]
+    ki = torch.arange(lk, device=device)[None, None, :]
+    m = mask_function(spec, q_offset)(bi, None, qi, ki)
+    m = m.expand(b, lq, lk)
+    # a padding query that may attend to nothing would give NaN: let it see itself only
+    if spec.doc_id is not None:
+        empty = ~m.any(-1, keepdim=True)
+        self_ = (ki == qi + q_offset).expand(b, lq, lk)
+        m = m | (empty & self_)
+    return m[:, None]
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_kernel(cuda: bool):
+    """Compiled flex_attention on GPUs (fused kernel); the eager reference on CPU (inference only)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def _flex(q, k, v, spec: MaskSpec, q_offset: int):
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    mask_mod = mask_function(spec, q_offset)
+    if spec.doc_id is not None:  # padding rows with no key at all: see themselves (as in dense)
+        inner = mask_mod
+
+        def mask_mod(b_, h, q_idx, kv_idx):  # noqa: F811
+            return inner(b_, h, q_idx, kv_idx) | ((spec.doc_id[b_, q_idx + q_offset] < 0) & (kv_idx == q_idx + q_offset))
+
+    bm = create_block_mask(mask_mod, B=b if (spec.doc_id is not None or spec.image_id is not None) else None,
+                           H=None, Q_LEN=lq, KV_LEN=lk, device=q.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_kernel(q.is_cuda)(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, impl: str = "auto") -> torch.Tensor:
+    """q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with the queries at the last Lq key positions."""
+    lq, lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if impl == "auto":
+        impl = "flex" if q.is_cuda else "dense"
+    if spec.plain_causal and lq == lk and impl != "flex":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if spec.plain_causal and lq == 1:  # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if impl == "flex":
+        return _flex(q, k, v, spec, lk - lq)
+    if impl != "dense":
+        raise ValueError(f"attention impl must be auto, dense or flex, not {impl!r}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec, lq, lk, q.device), enable_gqa=gqa)

@@ -1,0 +1,172 @@
+"""Discrete-token text-to-image generators over VQ codes: the autoregressive image GPT
+(Chameleon/LlamaGen) and MaskGIT share the prompt layout and the backbone.
+
+Sequence (one row)::
+
+    [PAD ... PAD] [BOS] condition [BOI] h*w image codes [EOI]
+
+``condition`` is the caption's text tokens (text-conditional) or one class token; an empty
+condition is the unconditional branch used for classifier-free guidance. Prompts are left-padded
+to a common length; padding has ``doc_id = -1`` (never attended) and rotary positions start at 0
+on BOS, so a row means the same whatever the padding. Training rows and sampling prompts are
+built by the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from unifuse.models.sampling import row_generators, sample_logits
+from unifuse.models.transformer import Transformer, TransformerConfig
+from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer
+from unifuse.text.vocab import VocabLayout
+
+
+@dataclass
+class Prompts:
+    tokens: torch.Tensor  # (R, P) left-padded, ending with BOI
+    doc_id: torch.Tensor  # (R, P) -1 on padding, 0 elsewhere
+    positions: torch.Tensor  # (R, P) 0 at BOS
+    lengths: torch.Tensor  # (R,) real prompt lengths
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.doc_id < 0).any())
+
+
+class TokenImageModel(nn.Module):
+    """What the AR GPT and MaskGIT share: vocabulary, conditioning, prompt building."""
+
+    def __init__(self, transformer: TransformerConfig, vocab: VocabLayout, grid: int, max_text_len: int = 48,
+                 text_tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        if transformer.vocab_size != vocab.size:
+            transformer = TransformerConfig(**{**asdict(transformer), "vocab_size": vocab.size})
+        self.vocab, self.grid, self.max_text_len = vocab, grid, max_text_len
+        self.text_tokenizer = text_tokenizer or ByteTokenizer()
+        if self.text_tokenizer.vocab_size > vocab.text_size:
+            raise ValueError(f"text tokenizer has {self.text_tokenizer.vocab_size} ids; vocab.text_size is "
+                             f"{vocab.text_size}")
+        self.net = Transformer(transformer)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.grid * self.grid
+
+    def config(self) -> dict:
+        return {"transformer": self.net.config(), "vocab": self.vocab.to_dict(), "grid": self.grid,
+                "max_text_len": self.max_text_len}
+
+    def condition_ids(self, cond: str | int | None) -> list[int]:
+        """Token ids of one condition: a caption (str), a class (int) or None (unconditional)."""
+        if cond is None or cond == "":
+            return []
+        if isinstance(cond, str):
+            return self.text_tokenizer.encode(cond)[: self.max_text_len]
+        return [self.vocab.class_token(int(cond))]
+
+    def prompts(self, conds: list, device, pad_to: int | None = None) -> Prompts:
+        v = self.vocab
+        rows = [[v.bos, *self.condition_ids(c), v.boi] for c in conds]
+        p = max(pad_to or 0, max(len(r) for r in rows))
+        tokens = torch.full((len(rows), p), v.pad, dtype=torch.long)
+        doc = torch.full((len(rows), p), -1, dtype=torch.long)
+        pos = torch.zeros((len(rows), p), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, p - len(r):] = torch.tensor(r)
+            doc[i, p - len(r):] = 0
+            pos[i, p - len(r):] = torch.arange(len(r))
+        lengths = torch.tensor([len(r) for r in rows])
+        return Prompts(tokens.to(device), doc.to(device), pos.to(device), lengths.to(device))
+
+    def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.vocab.image_range()
+        return logits[..., lo:hi]
+
+    @staticmethod
+    def guide(logits: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Rows [cond; uncond] -> uncond + scale * (cond - uncond); passthrough without guidance."""
+        if scale is None:
+            return logits
+        c, u = logits.chunk(2)
+        return u + scale * (c - u)
+
+
+class ImageGPT(TokenImageModel):
+    """Next-token prediction over [BOS] condition [BOI] codes [EOI]."""
+
+    kind = "ar_gpt"
+
+    def training_rows(self, codes: torch.Tensor, conds: list) -> tuple[Prompts, torch.Tensor]:
+        """Full rows (prompt + codes + EOI) for teacher forcing. codes: (B, h*w) code indices."""
+        v = self.vocab
+        pr = self.prompts(conds, codes.device, pad_to=self.max_text_len + 2)
+        b = codes.shape[0]
+        img = torch.cat([v.code_to_id(codes), torch.full((b, 1), v.eoi, device=codes.device)], 1)
+        n = img.shape[1]
+        tokens = torch.cat([pr.tokens, img], 1)
+        doc = torch.cat([pr.doc_id, torch.zeros_like(img)], 1)
+        pos = torch.cat([pr.positions, pr.lengths[:, None] + torch.arange(n, device=codes.device)], 1)
+        return Prompts(tokens, doc, pos, pr.lengths + n), pr.tokens.shape[1]
+
+    def loss(self, codes: torch.Tensor, conds: list) -> dict[str, torch.Tensor]:
+        rows, p = self.training_rows(codes.flatten(1), conds)
+        x, y = rows.tokens[:, :-1], rows.tokens[:, 1:]
+        doc = rows.doc_id if rows.padded else None
+        logits = self.net(x, rows.positions[:, :-1], doc_id=None if doc is None else doc[:, :-1])
+        valid = rows.doc_id[:, 1:] >= 0
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        is_img = torch.zeros_like(valid)
+        is_img[:, p - 1:] = True  # targets from the first code to EOI
+        text_mask, img_mask = valid & ~is_img, valid & is_img
+        image_loss = (ce * img_mask).sum() / img_mask.sum()
+        text_loss = (ce * text_mask).sum() / text_mask.sum().clamp_min(1)
+        total = (ce * valid).sum() / valid.sum()
+        return {"loss": total, "image_loss": image_loss, "text_loss": text_loss}
+
+    @torch.no_grad()
+    def generate(self, conds: list, cfg_scale: float | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
+                 use_cache: bool = True, progress: bool = False, return_logits: bool = False):
+        """Sample h*w codes per condition -> (B, h, w) code indices (and per-step logits).
+
+        ``cfg_scale`` None: plain conditional sampling; a number: cond and uncond rows run as one
+        batch and logits = uncond + s * (cond - uncond). Logits are restricted to the image codes."""
+        dev = self.net.tok_emb.weight.device
+        b = len(conds)
+        rows = list(conds) + ([None] * b if cfg_scale is not None else [])
+        pr = self.prompts(rows, dev)
+        gen = row_generators(seed, b, dev)
+        n = self.n_image_tokens
+        out = torch.zeros(b, n, dtype=torch.long, device=dev)
+        kept = []
+        doc = pr.doc_id if pr.padded else None
+        if use_cache:
+            cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n)
+            h = self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions, doc_id=doc, cache=cache)
+        seq, pos, docs = pr.tokens, pr.positions, pr.doc_id
+        for i in tqdm(range(n), desc="sampling", unit="tok", disable=not progress):
+            if not use_cache:  # the naive loop: rerun the whole prefix for every token
+                h = self.net.forward_hidden(self.net.tok_emb(seq), pos, doc_id=docs if doc is not None else None)
+            logits = self.guide(self.image_logits(self.net.lm_head(h[:, -1])).float(), cfg_scale)
+            if return_logits:
+                kept.append(logits)
+            tok = sample_logits(logits, temperature, top_k, top_p, gen)
+            out[:, i] = tok
+            if i == n - 1:
+                break
+            nxt = self.vocab.code_to_id(tok.repeat(len(rows) // b))[:, None]
+            npos = pr.lengths[:, None] + i
+            if use_cache:
+                h = self.net.forward_hidden(self.net.tok_emb(nxt), npos,
+                                            doc_id=None if doc is None else torch.zeros_like(nxt), cache=cache)
+            else:
+                seq, pos = torch.cat([seq, nxt], 1), torch.cat([pos, npos], 1)
+                docs = torch.cat([docs, torch.zeros_like(nxt)], 1)
+        codes = out.view(b, self.grid, self.grid)
+        return (codes, torch.stack(kept, 1)) if return_logits else codes

@@ -1,0 +1,253 @@
+"""The one transformer backbone (LLaMA style) for the AR image GPT, MaskGIT and Transfusion.
+
+RMSNorm, rotary position embeddings (1D over the sequence, or 2D (row, col) for image grids),
+SwiGLU MLP, no biases, optional QK-norm, grouped-query attention. Masks beyond causal go through
+:func:`unifuse.models.attention.attend` (document ids, bidirectional image blocks). A
+:class:`KVCache` makes decoding incremental: prefill a (left-padded) batch of prompts, then add
+one or more positions per step. Plain ``nn.Module``; parallelism is applied outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from unifuse.models.attention import MaskSpec, attend
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # < n_heads: grouped-query attention
+    mlp_hidden: int | None = None  # default: 8/3 * dim rounded up to a multiple of 64 (SwiGLU)
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    rope_2d: bool = False  # (row, col) rotary angles for positions given as pairs
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    grad_checkpointing: bool = False
+    attn_impl: str = "auto"  # auto (flex on CUDA, dense SDPA on CPU) | dense | flex
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 64 * math.ceil(8 * self.dim / 3 / 64)
+
+
+# name -> (n_layers, dim, n_heads); the Transfusion paper's ladder plus small sizes for CPU
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 64, 4),
+    "small": (4, 256, 4),
+    "base": (8, 512, 8),
+    "0.16B": (16, 768, 12),
+    "0.37B": (24, 1024, 16),
+    "0.76B": (24, 1536, 12),
+    "1.4B": (24, 2048, 16),
+    "7B": (32, 4096, 32),
+}
+
+
+def config_for(size: str, **overrides) -> TransformerConfig:
+    if size not in SIZES:
+        raise KeyError(f"unknown transformer size {size!r}; known: {', '.join(SIZES)}")
+    n_layers, dim, n_heads = SIZES[size]
+    return TransformerConfig(n_layers=n_layers, dim=dim, n_heads=n_heads, **overrides)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, two_d: bool) -> torch.Tensor:
+    """Rotation angles (B, L, head_dim // 2). positions: (B, L) or, for 2D, (B, L, 2) as (row, col)."""
+    if not two_d:
+        inv = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        return positions.float()[..., None] * inv
+    if positions.dim() == 2:  # sequence positions in a 2D model: same index on both axes
+        positions = torch.stack([positions, positions], -1)
+    half = head_dim // 2
+    inv = theta ** (-torch.arange(0, half, 2, device=positions.device, dtype=torch.float32) / half)
+    return torch.cat([positions[..., 0:1].float() * inv, positions[..., 1:2].float() * inv], -1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); angles: (B, L, D/2). Rotates pairs (x[2i], x[2i+1])."""
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys/values per layer, plus the ids the mask needs for cached positions.
+
+    All rows share one write index: prompts of different lengths are left-padded, with
+    ``doc_id = -1`` on the padding so it is never attended to."""
+
+    def __init__(self, cfg: TransformerConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.doc_id = torch.full((batch, max_len), -1, device=device, dtype=torch.long)
+        self.image_id = torch.full((batch, max_len), -1, device=device, dtype=torch.long)
+        self.length = 0
+        self.max_len = max_len
+        self.plain = True  # no padding and no image blocks so far: the causal fast path applies
+
+    def reserve(self, n: int, doc_id: torch.Tensor | None, image_id: torch.Tensor | None) -> tuple[int, int]:
+        start, end = self.length, self.length + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
+        self.doc_id[:, start:end] = 0 if doc_id is None else doc_id
+        self.image_id[:, start:end] = -1 if image_id is None else image_id
+        if doc_id is not None or image_id is not None:
+            self.plain = False
+        return start, end
+
+    def mask(self, causal: bool, end: int) -> MaskSpec:
+        if self.plain:
+            return MaskSpec(causal)
+        return MaskSpec(causal, self.doc_id[:, :end], self.image_id[:, :end])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int):
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only some batch rows (e.g. after a beam or early stop)."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.doc_id, self.image_id = self.doc_id[rows], self.image_id[rows]
+
+
+# ----------------------------------------------------------------------------- blocks
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, angles, spec: MaskSpec, cache: KVCache | None, layer: int, span):
+        b, l, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
+        q = self.wq(x).view(b, l, nh, hd).transpose(1, 2)
+        k, v = self.wkv(x).view(b, l, 2, nkv, hd).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, *span)
+        out = attend(q, k, v, spec, self.cfg.attn_impl)
+        return self.wo(out.transpose(1, 2).reshape(b, l, nh * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden, bias=False)
+        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+
+    def forward(self, x):
+        a, g = self.w13(x).chunk(2, -1)
+        return self.w2(F.silu(a) * g)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, angles, spec, cache, layer, span):
+        x = x + self.attn(self.attn_norm(x), angles, spec, cache, layer, span)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token (or embedding) sequence -> hidden states or logits."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.kv_heads:
+            raise ValueError(f"dim {cfg.dim} / heads {cfg.n_heads} / kv heads {cfg.kv_heads} do not divide")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for layer in self.layers:  # scaled init of residual projections (GPT-2)
+            for w in (layer.attn.wo.weight, layer.mlp.w2.weight):
+                nn.init.normal_(w, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch, max_len, device or p.device, dtype or p.dtype)
+
+    def forward_hidden(self, x: torch.Tensor, positions: torch.Tensor | None = None, *, causal: bool = True,
+                       doc_id: torch.Tensor | None = None, image_id: torch.Tensor | None = None,
+                       cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, L, dim) input embeddings. positions: (B, L) or (B, L, 2) rotary positions
+        (default 0..L-1 after what the cache holds). doc_id/image_id: (B, L) for the new positions."""
+        b, l, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + l, device=x.device).expand(b, l)
+        angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_2d)
+        span = None
+        if cache is not None:
+            span = cache.reserve(l, doc_id, image_id)
+            spec = cache.mask(causal, span[1])
+        else:
+            spec = MaskSpec(causal, doc_id, image_id)
+        for i, layer in enumerate(self.layers):
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, angles, spec, cache, i, span, use_reentrant=False)
+            else:
+                x = layer(x, angles, spec, cache, i, span)
+        if cache is not None:
+            cache.length = span[1]
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """tokens (B, L) -> logits (B, L, vocab)."""
+        return self.lm_head(self.forward_hidden(self.tok_emb(tokens), positions, **kw))
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 * params (forward) + attention scores/values 2 * 2 * L * d per
+        layer (causal halves it on average, not counted: the kernels compute most of it anyway).
+        Training = 3x forward (forward + backward)."""
+        fwd = 2 * (self.num_params(non_embedding=True)) + 4 * self.cfg.n_layers * seq_len * self.cfg.dim
+        return 3 * fwd if training else fwd
