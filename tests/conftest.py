@@ -63,3 +63,45 @@ def tiny_overrides(data_dir: Path) -> list[str]:
 
 def python_cmd() -> list[str]:
     return [sys.executable, "-m", "unifuse.train"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_emoji, tmp_path_factory) -> Path:
+    """A VQ-VAE checkpoint trained for a few steps on the tiny emoji set (32 codes, 8x8 grid)."""
+    from unifuse.train import train
+
+    out = tmp_path_factory.mktemp("tok_run")
+    cfg = compose_cfg(tiny_overrides(tiny_emoji) + ["trainer=debug_limit", "logger=none", "trainer.max_epochs=1"],
+                      out)
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_codes(tiny_emoji, tiny_tokenizer, tmp_path_factory) -> Path:
+    from unifuse.data.encode import encode_shards
+
+    out = tmp_path_factory.mktemp("codes")
+    encode_shards(tiny_tokenizer, tiny_emoji, out, batch_size=32)
+    return out
+
+
+def generator_overrides(model: str, codes: Path, tokenizer: Path) -> list[str]:
+    return [
+        f"model={model}",
+        "data=emoji_codes",
+        f"data.train.emoji.shards={codes}/train",
+        f"data.val={codes}/val",
+        "data.build=null",
+        "data.decode.image_size=16",
+        "data.collator.batch_size=8",
+        "data.num_workers=0",
+        f"model.tokenizer_ckpt={tokenizer}",
+        "model.net.vocab.image_codes=32",
+        "model.net.grid=8",
+        "model.net.max_text_len=24",
+        "model.net.transformer.dim=32",
+        "model.net.transformer.n_layers=2",
+        "model.net.transformer.n_heads=2",
+        "model.sample_prompts=[twemoji dog face,openmoji pizza]",
+        "callbacks.progress=null",
+    ]

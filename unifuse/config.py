@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.quantize import QuantizerConfig
+from unifuse.models.transformer import TransformerConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -61,13 +62,37 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def latest_checkpoint(log_dir: str, task_name: str) -> str:
+    """Newest ``last.ckpt`` of a run whose task_name matches, e.g. the tokenizer trained by
+    ``make train``. Fails naming the setting to use instead."""
+    best, best_time = None, -1.0
+    for cfg_file in Path(log_dir).glob("**/.hydra/config.yaml"):
+        ckpt = cfg_file.parent.parent / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            continue
+        try:
+            name = OmegaConf.load(cfg_file).get("task_name")
+        except Exception:
+            continue
+        if name == task_name and ckpt.stat().st_mtime > best_time:
+            best, best_time = ckpt, ckpt.stat().st_mtime
+    if best is None:
+        raise FileNotFoundError(
+            f"no checkpoint of a '{task_name}' run under {log_dir}: train one first (`make train` trains the "
+            f"VQ-VAE tokenizer) or set model.tokenizer_ckpt=<path to last.ckpt>"
+        )
+    return str(best)
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("unifuse.run_id"):
         OmegaConf.register_new_resolver("unifuse.run_id", run_id)
         OmegaConf.register_new_resolver("unifuse.wandb_offline", wandb_offline)
+        OmegaConf.register_new_resolver("unifuse.latest_ckpt", latest_checkpoint, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="autoencoder", node=AutoencoderConfig)
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)
+    cs.store(group="schema", name="transformer", node=TransformerConfig)
 
 
 register()

@@ -5,6 +5,7 @@
     python -m unifuse.data write pairs --images DIR --captions captions.csv|jsonl --out DIR
     python -m unifuse.data write interleaved --docs docs.jsonl --out DIR
     python -m unifuse.data bpe --shards DIR --out tokenizer.json [--vocab-size 4096]
+    python -m unifuse.data encode tokenizer=CKPT src=data/emoji32 out=data/emoji32_codes [batch_size=256]
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=4096)
 
+    e = sub.add_parser("encode", help="pre-encode image shards into VQ code shards (.npy)")
+    e.add_argument("--tokenizer", required=True, help="VQ-VAE checkpoint")
+    e.add_argument("--src", required=True, help="image shards (a dir with train/ and val/, or one dir)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--shard-size", type=int, default=10_000)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--image-size", type=int, default=None, help="resize images first (default: as stored)")
+
+    # key=value arguments (tokenizer=ckpt) are accepted as --key value
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for a_ in argv for x in (("--" + a_.split("=", 1)[0].replace("_", "-"), a_.split("=", 1)[1])
+            if "=" in a_ and not a_.startswith("-") else (a_,))]
     a = p.parse_args(argv)
     if a.cmd == "build":
         from pathlib import Path
@@ -89,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 p.error("write interleaved needs --docs")
             summary = write_interleaved(a.docs, a.out, a.shard_size, a.resize)
         print(summary)
+    elif a.cmd == "encode":
+        from unifuse.data.encode import encode_shards
+
+        encode_shards(a.tokenizer, a.src, a.out, batch_size=a.batch_size, shard_size=a.shard_size,
+                      device=a.device, image_size=a.image_size)
     elif a.cmd == "bpe":
         from unifuse.text.tokenizer import BPETokenizer
 

@@ -58,6 +58,10 @@ class ShardDataModule(L.LightningDataModule):
         return False
 
     def prepare_data(self) -> None:
+        if self.build == "encode":
+            from unifuse.data.encode import check_stamp
+
+            check_stamp(self.build_dir, self.build_args["tokenizer"])
         if not self._missing():
             return
         if not self.build:
@@ -67,7 +71,17 @@ class ShardDataModule(L.LightningDataModule):
             )
         from unifuse.data import builders
 
-        log.info("building the embedded %s dataset into %s", self.build, self.build_dir)
+        log.info("building %s data into %s", self.build, self.build_dir)
+        if self.build == "encode":  # code shards from image shards, building those first if needed
+            from unifuse.data.encode import encode_shards
+
+            a = self.build_args
+            src, src_build = a["src"], a.get("src_build")
+            if src_build and not Path(src, "train").is_dir():
+                getattr(builders, f"build_{src_build}")(out=src, **dict(a.get("src_args") or {}))
+            encode_shards(a["tokenizer"], src, self.build_dir, batch_size=int(a.get("batch_size", 256)),
+                          device=str(a.get("device", "cpu")))
+            return
         fn = {"emoji": builders.build_emoji, "fashion_mnist": builders.build_fashion_mnist}[self.build]
         fn(out=self.build_dir, **self.build_args)
 

@@ -1,0 +1,208 @@
+"""The backbone: attention paths agree, KV cache == recomputation, sampling filters per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unifuse.models.attention import MaskSpec, attend, dense_mask
+from unifuse.models.image_gpt import ImageGPT
+from unifuse.models.maskgit import MaskGIT
+from unifuse.models.sampling import filter_logits, sample_logits
+from unifuse.models.transformer import SIZES, Transformer, TransformerConfig, config_for
+from unifuse.text.vocab import VocabLayout
+
+TINY = TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True)
+
+
+def random_layout(b: int, n: int, g: torch.Generator):
+    """Packed documents with padding and image blocks at random places."""
+    doc = torch.full((b, n), -1)
+    img = torch.full((b, n), -1)
+    for r in range(b):
+        at, d, blk = int(torch.randint(0, 4, (1,), generator=g)), 0, 0
+        while at < n - 2:
+            ln = int(torch.randint(3, 15, (1,), generator=g))
+            doc[r, at : at + ln] = d
+            if ln > 6:
+                s = at + int(torch.randint(1, ln - 4, (1,), generator=g))
+                e = min(at + ln, s + int(torch.randint(2, 6, (1,), generator=g)))
+                img[r, s:e] = blk
+                blk += 1
+            at, d = at + ln, d + 1
+    return doc, img
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flex_equals_dense_on_random_layouts(causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, n, d = 2, 4, 70, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    doc, img = random_layout(b, n, g)
+    spec = MaskSpec(causal, doc, img)
+    dense = attend(q, k, v, spec, "dense")
+    flex = attend(q, k, v, spec, "flex")
+    torch.testing.assert_close(flex, dense, atol=2e-5, rtol=1e-4)
+    # and the dense reference is what the mask function says, position by position
+    m = dense_mask(spec, n, n, "cpu")[0, 0]
+    for qi in (5, 33, 60):
+        for ki in range(n):
+            ok = bool((ki <= qi or not causal or (img[0, qi] >= 0 and img[0, qi] == img[0, ki]))
+                      and doc[0, qi] == doc[0, ki] and doc[0, ki] >= 0)
+            if doc[0, qi] < 0 and ki == qi:
+                ok = True  # padding sees itself only
+            assert bool(m[qi, ki]) == ok
+
+
+def test_causal_fast_path_equals_flex_causal_mask():
+    q, k, v = (torch.randn(2, 4, 50, 16) for _ in range(3))
+    fast = attend(q, k, v, MaskSpec(True), "dense")  # SDPA is_causal
+    flex = attend(q, k, v, MaskSpec(True, torch.zeros(2, 50, dtype=torch.long)), "flex")
+    torch.testing.assert_close(fast, flex, atol=2e-5, rtol=1e-4)
+
+
+def test_kv_cache_prefill_and_steps_match_full_forward():
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig(vocab_size=97, **{k: getattr(TINY, k) for k in
+                                                         ("dim", "n_layers", "n_heads", "n_kv_heads", "qk_norm")})).eval()
+    x = torch.randint(0, 97, (3, 20))
+    doc = torch.zeros(3, 20, dtype=torch.long)
+    doc[1, :4] = -1  # a left-padded row
+    full = m(x, doc_id=doc)
+    cache = m.new_cache(3, 24)
+    parts = [m(x[:, :9], doc_id=doc[:, :9], cache=cache)]
+    parts.append(m(x[:, 9:10], doc_id=doc[:, 9:10], cache=cache))  # one position
+    parts.append(m(x[:, 10:], doc_id=doc[:, 10:], cache=cache))  # several positions
+    torch.testing.assert_close(torch.cat(parts, 1)[doc >= 0], full[doc >= 0], atol=1e-5, rtol=1e-5)
+
+
+def test_image_blocks_are_bidirectional_in_the_backbone():
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2)).eval()
+    x = torch.randint(0, 50, (1, 12))
+    img = torch.full((1, 12), -1)
+    img[0, 4:8] = 0
+    base = m(x, image_id=img)
+    x2 = x.clone()
+    x2[0, 7] = (x[0, 7] + 1) % 50  # change the last image position
+    out = m(x2, image_id=img)
+    assert not torch.allclose(out[0, 4], base[0, 4])  # earlier positions of the same image see it
+    torch.testing.assert_close(out[0, :4], base[0, :4])  # text before the image does not
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=60, dim=32, n_layers=2, n_heads=2)
+    a = Transformer(cfg)
+    b = Transformer(TransformerConfig(**{**cfg.__dict__, "grad_checkpointing": True}))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 60, (2, 10))
+    for m in (a, b):
+        m(x).logsumexp(-1).mean().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_size_registry_and_flops():
+    cfg = config_for("0.16B", vocab_size=32000)
+    assert (cfg.n_layers, cfg.dim) == (16, 768) and set(SIZES) >= {"0.37B", "0.76B", "1.4B", "7B", "tiny"}
+    m = Transformer(TransformerConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4))
+    n = m.num_params()
+    assert m.flops_per_token(128) == 3 * (2 * n + 4 * 2 * 128 * 64)
+    with pytest.raises(KeyError, match="unknown transformer size"):
+        config_for("3B")
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_top_k_top_p_are_applied_per_row():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0],  # peaked
+                           [1.0, 1.0, 1.0, 1.0, 1.0],  # flat
+                           [0.0, 5.0, 0.0, 4.9, 0.0]])  # two modes
+    k = filter_logits(logits, top_k=2)
+    assert (k.isfinite().sum(1) == 2).all()
+    assert k[2].isfinite().tolist() == [False, True, False, True, False]
+    p = filter_logits(logits, top_p=0.7)
+    for r in range(3):  # reference: row by row, the smallest prefix whose mass reaches 0.7
+        probs, order = logits[r].softmax(-1).sort(descending=True)
+        keep = int((probs.cumsum(0) < 0.7).sum()) + 1
+        assert set(p[r].isfinite().nonzero().flatten().tolist()) == set(order[:keep].tolist())
+    assert p[1].isfinite().sum() == 4 and p[0].isfinite().sum() == 2
+    # sampling respects each row's own filter
+    g = [torch.Generator().manual_seed(i) for i in range(3)]
+    for _ in range(200):
+        tok = sample_logits(logits, 1.0, top_k=2, generator=g)
+        assert k[torch.arange(3), tok].isfinite().all()
+
+
+def gpt(cls=ImageGPT, grid=4, codes=32):
+    torch.manual_seed(0)
+    return cls(TINY, VocabLayout(image_codes=codes), grid=grid, max_text_len=16).eval()
+
+
+def test_kv_cached_generation_matches_naive_recomputation():
+    m = gpt()
+    conds = ["dog face", "a much longer caption here", ""]
+    a, la = m.generate(conds, cfg_scale=3.0, seed=7, top_p=0.9, return_logits=True)
+    b, lb = m.generate(conds, cfg_scale=3.0, seed=7, top_p=0.9, use_cache=False, return_logits=True)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a, b)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
+    m = gpt()
+    conds = ["x", "red heart with a long tail", "cat"]
+    batch, lb = m.generate(conds, cfg_scale=2.0, seed=3, return_logits=True)
+    for i, c in enumerate(conds):
+        one, lo = m.generate([c], cfg_scale=2.0, seed=3 + i, return_logits=True)
+        torch.testing.assert_close(lo[0], lb[i], atol=1e-4, rtol=1e-4)
+        assert torch.equal(one[0], batch[i])
+
+
+def test_cfg_scale_one_equals_conditional_sampling():
+    m = gpt()
+    conds = ["dog face", "pizza"]
+    plain = m.generate(conds, cfg_scale=None, seed=11)
+    guided = m.generate(conds, cfg_scale=1.0, seed=11)
+    assert torch.equal(plain, guided)
+    assert not torch.equal(plain, m.generate(conds, cfg_scale=5.0, seed=11))
+
+
+def test_tokens_outside_the_image_range_are_never_sampled_inside_an_image():
+    m = gpt()
+    with torch.no_grad():  # make every text/special id far likelier than any image code
+        lo, hi = m.vocab.image_range()
+        m.net.lm_head.weight[:lo] *= 50
+        m.net.lm_head.weight[:lo] += m.net.norm.weight.sign() * 0.5
+    full = m.net(m.prompts(["dog"], "cpu").tokens)[0, -1]
+    assert full.argmax() < lo  # unrestricted, a text id would win
+    codes = m.generate(["dog", "cat"], seed=0, temperature=1.5)
+    assert codes.min() >= 0 and codes.max() < m.vocab.image_codes
+
+
+def test_maskgit_k_forward_passes_each_position_decoded_once():
+    m = gpt(MaskGIT, grid=4)
+    calls = []
+    m.net.norm.register_forward_hook(lambda *a: calls.append(1))
+    for k in (4, 8, 12):
+        calls.clear()
+        codes, trace = m.generate(["dog", "cat", ""], steps=k, cfg_scale=2.0, seed=0, return_trace=True)
+        assert len(calls) == k  # cond + uncond share one batched pass per step
+        assert codes.shape == (3, 4, 4) and (trace >= 0).all() and (trace < k).all()
+        per_step = torch.stack([(trace == s).sum(1) for s in range(k)], 1)
+        assert (per_step.sum(1) == 16).all() and (per_step > 0).all()  # every step decodes something
+
+
+def test_losses_train_the_models():
+    for cls in (ImageGPT, MaskGIT):
+        m = gpt(cls, grid=2, codes=8).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+        conds = ["ab", "cd"]
+        first = m.loss(codes, conds)["loss"].item()
+        for _ in range(60):
+            loss = m.loss(codes, conds)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.3 * first, cls

@@ -1,0 +1,81 @@
+"""LightningModule for the discrete-token generators (AR image GPT and MaskGIT): thin wrapper
+around ``ImageGPT`` / ``MaskGIT`` (steps, logging, sample grids). Codes come pre-encoded from the
+shards (``batch["codes"]``) or are encoded on the fly by the frozen VQ-VAE tokenizer."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from unifuse.lit.base import UnifuseModule
+from unifuse.models.image_gpt import TokenImageModel
+from unifuse.models.vqvae import VQVAE, load_vqvae
+
+
+class TokenGeneratorModule(UnifuseModule):
+    def __init__(self, net: TokenImageModel, tokenizer_ckpt: str | None = None, optimizer=None, scheduler=None,
+                 weight_decay: float = 0.1, cond: str = "text", p_uncond: float = 0.1,
+                 sample_prompts: list | None = None, sampling: dict | None = None, seed: int = 0):
+        super().__init__(optimizer, scheduler, weight_decay)
+        if cond not in ("text", "class"):
+            raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
+        self.net, self.cond, self.p_uncond = net, cond, p_uncond
+        self.kind = net.kind
+        self.tokenizer_ckpt = str(tokenizer_ckpt) if tokenizer_ckpt else None
+        self.sample_prompts = list(sample_prompts or [])
+        self.sampling = dict(sampling or {})
+        self._rng = random.Random(seed)
+        self.tokenizer: VQVAE | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer_ckpt and self.tokenizer is None:
+            tok = load_vqvae(self.tokenizer_ckpt).to(self.device)
+            tok.requires_grad_(False)
+            object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not in checkpoints
+            if tok.codebook_size != self.net.vocab.image_codes:
+                raise ValueError(f"tokenizer {self.tokenizer_ckpt} has {tok.codebook_size} codes but "
+                                 f"model.net.vocab.image_codes is {self.net.vocab.image_codes}")
+
+    def checkpoint_meta(self) -> dict:
+        return {"kind": self.kind, "config": {**self.net.config(), "tokenizer_ckpt": self.tokenizer_ckpt,
+                                              "text_tokenizer": self.net.text_tokenizer.to_config(),
+                                              "cond": self.cond}}
+
+    # ------------------------------------------------------------------ batches
+    def _codes(self, batch: dict) -> torch.Tensor:
+        if "codes" in batch:
+            return batch["codes"].flatten(1)
+        if self.tokenizer is None:
+            raise ValueError("batch has no pre-encoded codes and no tokenizer_ckpt is set to encode images")
+        self.tokenizer.to(self.device)
+        return self.tokenizer.encode(batch["image"]).flatten(1)
+
+    def _conds(self, batch: dict, drop: float) -> list:
+        raw = batch["caption"] if self.cond == "text" else batch["cls"].tolist()
+        return [None if self._rng.random() < drop else c for c in raw]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.net.loss(self._codes(batch), self._conds(batch, self.p_uncond))
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["caption"]))
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        out = self.net.loss(self._codes(batch), self._conds(batch, 0.0))
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=len(batch["caption"]))
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_images(self, prompts: list, **kw) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("sampling to pixels needs the tokenizer (tokenizer_ckpt)")
+        self.tokenizer.to(self.device)
+        codes = self.net.generate(prompts, **{**self.sampling, **kw})
+        return self.tokenizer.decode(codes).clamp(-1, 1)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict:
+        if not self.sample_prompts or self.tokenizer is None:
+            return {}
+        images = self.sample_images(self.sample_prompts)
+        return {"samples": (images, [str(p) for p in self.sample_prompts])}

@@ -1,0 +1,95 @@
+"""MaskGIT over VQ codes: bidirectional transformer, [MASK] token, parallel decoding.
+
+Training masks a cosine-scheduled fraction of the image codes (ratio = cos(pi/2 * u), u ~ U(0, 1))
+and predicts them all at once. Decoding starts from an all-[MASK] image and runs K forward passes;
+after pass k it keeps the N * (1 - cos(pi/2 * (k+1)/K)) most confident positions decoded, choosing
+among the still-masked ones by confidence plus Gumbel noise annealed to zero, so every position is
+decoded exactly once. Same prompt layout and backbone as the AR GPT (image_gpt.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from unifuse.models.image_gpt import TokenImageModel
+from unifuse.models.sampling import row_generators, sample_logits
+
+
+def cosine_schedule(r: torch.Tensor | float):
+    """Fraction of tokens masked at progress r in [0, 1]."""
+    return torch.cos(r * math.pi / 2) if isinstance(r, torch.Tensor) else math.cos(r * math.pi / 2)
+
+
+class MaskGIT(TokenImageModel):
+    kind = "maskgit"
+
+    def _rows(self, image_tokens: torch.Tensor, conds: list):
+        pr = self.prompts(conds, image_tokens.device, pad_to=self.max_text_len + 2)
+        n = image_tokens.shape[1]
+        tokens = torch.cat([pr.tokens, image_tokens], 1)
+        pos = torch.cat([pr.positions, pr.lengths[:, None] + torch.arange(n, device=tokens.device)], 1)
+        doc = torch.cat([pr.doc_id, torch.zeros_like(image_tokens)], 1)
+        return tokens, pos, doc if pr.padded else None, pr.tokens.shape[1]
+
+    def image_forward(self, image_tokens: torch.Tensor, conds: list) -> torch.Tensor:
+        """Logits over the image codes for every image position: (B, N, codebook)."""
+        tokens, pos, doc, p = self._rows(image_tokens, conds)
+        h = self.net.forward_hidden(self.net.tok_emb(tokens), pos, causal=False, doc_id=doc)
+        return self.image_logits(self.net.lm_head(h[:, p:]))
+
+    def loss(self, codes: torch.Tensor, conds: list) -> dict[str, torch.Tensor]:
+        codes = codes.flatten(1)
+        b, n = codes.shape
+        ratio = cosine_schedule(torch.rand(b, 1, device=codes.device))
+        n_mask = (ratio * n).ceil().clamp(1, n)
+        rank = torch.rand(b, n, device=codes.device).argsort(1).argsort(1)
+        masked = rank < n_mask
+        inp = torch.where(masked, torch.full_like(codes, self.vocab.mask), self.vocab.code_to_id(codes))
+        logits = self.image_forward(inp, conds)
+        ce = F.cross_entropy(logits[masked].float(), codes[masked])
+        return {"loss": ce, "image_loss": ce, "masked_fraction": masked.float().mean()}
+
+    @torch.no_grad()
+    def generate(self, conds: list, steps: int = 8, cfg_scale: float | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, noise: float = 4.5,
+                 seed: int | list[int] | None = None, progress: bool = False, return_trace: bool = False):
+        """K = ``steps`` forward passes -> (B, h, w) codes. ``noise``: initial Gumbel temperature of
+        the confidence ranking (annealed linearly to 0). ``return_trace``: also the step at which
+        each position was decoded (B, N)."""
+        dev = self.net.tok_emb.weight.device
+        b, n = len(conds), self.n_image_tokens
+        rows = list(conds) + ([None] * b if cfg_scale is not None else [])
+        gens = row_generators(seed, b, dev)
+        codes = torch.zeros(b, n, dtype=torch.long, device=dev)
+        known = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        decoded_at = torch.full((b, n), -1, dtype=torch.long, device=dev)
+        for k in tqdm(range(steps), desc="maskgit", unit="step", disable=not progress):
+            inp = torch.where(known, self.vocab.code_to_id(codes), torch.full_like(codes, self.vocab.mask))
+            logits = self.guide(self.image_forward(inp.repeat(len(rows) // b, 1), rows).float(), cfg_scale)
+            flat = logits.reshape(b * n, -1)
+            row_gens = None if gens is None else [g for g in gens for _ in range(n)]
+            sampled = sample_logits(flat, temperature, top_k, top_p, row_gens).view(b, n)
+            probs = flat.softmax(-1).gather(1, sampled.view(-1, 1)).view(b, n)
+            n_keep_masked = math.floor(n * cosine_schedule((k + 1) / steps)) if k < steps - 1 else 0
+            n_keep_masked = min(n_keep_masked, int((~known).sum(1).min()) - 1) if k < steps - 1 else 0
+            t = noise * (1 - (k + 1) / steps)
+            if gens is None:
+                u = torch.rand(b, n, device=dev)
+            else:
+                u = torch.stack([torch.rand(n, generator=g, device=dev) for g in gens])
+            gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))
+            conf = torch.log(probs.clamp_min(1e-20)) + t * gumbel
+            conf = conf.masked_fill(known, float("-inf"))  # only masked positions compete
+            n_new = (~known).sum(1) - n_keep_masked  # positions decoded in this step, per row
+            order = conf.argsort(1, descending=True)
+            rank = order.argsort(1)
+            new = (rank < n_new[:, None]) & ~known
+            codes = torch.where(new, sampled, codes)
+            decoded_at[new] = k
+            known |= new
+        out = codes.view(b, self.grid, self.grid)
+        return (out, decoded_at) if return_trace else out
