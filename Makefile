@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/emoji32/train/_index.json
 ARGS   ?=
 
-.PHONY: help setup data train test bench lint clean
+.PHONY: help setup data train train-ar train-maskgit test bench lint clean
 
 help:  ## list targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## virtualenv in .venv with unifuse installed editable (+dev extra); idempotent
 
@@ -25,12 +25,19 @@ data: setup  ## build the embedded emoji dataset (32x32) into data/ if missing
 train: setup data  ## train the default VQ-VAE on emoji (minutes on CPU); extra overrides in ARGS="..."
 	$(BIN)/python -m unifuse.train experiment=vqvae_emoji $(ARGS)
 
+train-ar: setup data  ## AR image GPT on emoji codes from the newest `make train` tokenizer (ARGS="...")
+	$(BIN)/python -m unifuse.train experiment=ar_emoji $(ARGS)
+
+train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train` tokenizer
+	$(BIN)/python -m unifuse.train experiment=maskgit_emoji $(ARGS)
+
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: setup data  ## run the benchmarks under experiments/bench and print their figures
 	$(BIN)/python experiments/bench/loader.py
 	$(BIN)/python experiments/bench/vqvae.py
+	$(BIN)/python experiments/bench/transformer.py
 
 lint: setup  ## ruff
 	$(BIN)/ruff check unifuse tests experiments

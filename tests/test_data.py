@@ -6,7 +6,6 @@ import copy
 import io
 import json
 import pickle
-import tarfile
 from collections import Counter
 from pathlib import Path
 

@@ -64,8 +64,8 @@ def test_causal_fast_path_equals_flex_causal_mask():
 
 def test_kv_cache_prefill_and_steps_match_full_forward():
     torch.manual_seed(0)
-    m = Transformer(TransformerConfig(vocab_size=97, **{k: getattr(TINY, k) for k in
-                                                         ("dim", "n_layers", "n_heads", "n_kv_heads", "qk_norm")})).eval()
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "qk_norm")
+    m = Transformer(TransformerConfig(vocab_size=97, **{k: getattr(TINY, k) for k in keys})).eval()
     x = torch.randint(0, 97, (3, 20))
     doc = torch.zeros(3, 20, dtype=torch.long)
     doc[1, :4] = -1  # a left-padded row

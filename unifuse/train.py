@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import hydra

@@ -43,7 +43,8 @@ class ShardDataModule(L.LightningDataModule):
         self.collator, self.val_collator = collator, val_collator or collator.fresh()
         self.decode = decode or DecodeConfig()
         self.num_workers, self.mode, self.batches_per_epoch = num_workers, mode, batches_per_epoch
-        self.val_batches, self.shuffle_buffer, self.seed, self.pin_memory = val_batches, shuffle_buffer, seed, pin_memory
+        self.val_batches, self.shuffle_buffer = val_batches, shuffle_buffer
+        self.seed, self.pin_memory = seed, pin_memory
         self.build, self.build_dir, self.build_args = build, build_dir, dict(build_args or {})
 
     # ------------------------------------------------------------------ data preparation
@@ -128,9 +129,10 @@ class ShardDataModule(L.LightningDataModule):
 
     def fixed_examples(self, n: int, split: str = "val") -> list[dict]:
         """The first n decoded samples of a split, for fixed-prompt sample grids."""
+        from collections import Counter
+
         from unifuse.data.samples import SkipSample, decode_sample
         from unifuse.data.stream import _raw_samples
-        from collections import Counter
 
         spec = self.val_spec if split == "val" else next(iter(self.train_spec.values()))["shards"]
         out, stats = [], Counter()

@@ -19,14 +19,13 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import logging
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext

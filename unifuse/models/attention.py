@@ -57,7 +57,8 @@ def mask_function(spec: MaskSpec, q_offset: int):
 def dense_mask(spec: MaskSpec, lq: int, lk: int, device) -> torch.Tensor:
     """Boolean (B or 1, 1, lq, lk) mask: True = attend. Queries are the last lq of lk positions."""
     q_offset = lk - lq
-    b = spec.doc_id.shape[0] if spec.doc_id is not None else (spec.image_id.shape[0] if spec.image_id is not None else 1)
+    ids = spec.doc_id if spec.doc_id is not None else spec.image_id
+    b = ids.shape[0] if ids is not None else 1
     bi = torch.arange(b, device=device)[:, None, None]
     qi = torch.arange(lq, device=device)[None, :, None]
     ki = torch.arange(lk, device=device)[None, None, :]
@@ -98,7 +99,8 @@ def _flex(q, k, v, spec: MaskSpec, q_offset: int):
         inner = mask_mod
 
         def mask_mod(b_, h, q_idx, kv_idx):  # noqa: F811
-            return inner(b_, h, q_idx, kv_idx) | ((spec.doc_id[b_, q_idx + q_offset] < 0) & (kv_idx == q_idx + q_offset))
+            qa = q_idx + q_offset
+            return inner(b_, h, q_idx, kv_idx) | ((spec.doc_id[b_, qa] < 0) & (kv_idx == qa))
 
     bm = create_block_mask(mask_mod, B=b if (spec.doc_id is not None or spec.image_id is not None) else None,
                            H=None, Q_LEN=lq, KV_LEN=lk, device=q.device)
