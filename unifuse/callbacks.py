@@ -143,3 +143,65 @@ class SampleAudit(L.Callback):
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                     "epochs": self.epochs}))
+
+
+class FidelityEval(L.Callback):
+    """Online FID/KID (rFID + PSNR/SSIM for autoencoders) every ``every_n_epochs`` validations,
+    through the same code as ``python -m unifuse.evaluate``. Runs on rank 0; metric names carry
+    the protocol (extractor, n, guidance, steps). Builds the domain extractor on first use when
+    ``build_extractor_from`` names training shards."""
+
+    def __init__(self, protocol, build_extractor_from: str | None = None, enabled: bool = True):
+        from omegaconf import OmegaConf
+
+        from unifuse.eval.fidelity import EvalConfig
+
+        p = OmegaConf.to_container(protocol, resolve=True) if OmegaConf.is_config(protocol) else dict(protocol)
+        self.every_n_epochs = int(p.pop("every_n_epochs", 1))
+        self.build_from, self.enabled = build_extractor_from, enabled
+        self.cfg = EvalConfig(**p)
+        self.last: dict | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        if not self.enabled:
+            return
+        if self.cfg.reference is None or not Path(self.cfg.reference).exists():
+            log.warning("online evaluation off: reference shards %s not found (eval.reference)", self.cfg.reference)
+            self.enabled = False
+            return
+        weights = self.cfg.domain_weights
+        if self.cfg.extractor == "domain" and weights and not Path(weights).is_file() and self.build_from:
+            if trainer.is_global_zero:
+                from unifuse.eval.extractors import train_domain_extractor
+
+                log.info("training the domain feature extractor on %s -> %s", self.build_from, weights)
+                train_domain_extractor(self.build_from, weights)
+            trainer.strategy.barrier()
+        if self.cfg.extractor == "inception":  # fail at start-up, not after an epoch of training
+            from unifuse.eval.extractors import inception_weights
+
+            inception_weights(self.cfg.inception_weights)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        from dataclasses import asdict
+
+        checkpoint["unifuse_eval"] = asdict(self.cfg)  # so `unifuse.evaluate` repeats the same protocol
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self.enabled or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if not trainer.is_global_zero:
+            return
+        from unifuse.eval.fidelity import evaluate_generator, evaluate_tokenizer, metric_name
+
+        if pl_module.kind == "vqvae":
+            result = evaluate_tokenizer(pl_module.net, self.cfg)
+        elif getattr(pl_module, "tokenizer", None) is not None:
+            result = evaluate_generator(pl_module.net, pl_module.tokenizer, self.cfg, pl_module.sampling)
+        else:
+            return
+        self.last = result
+        metrics = {metric_name(k, result["protocol"]) if k not in ("psnr", "ssim", "kid_std") else f"eval/{k}": v
+                   for k, v in result["metrics"].items()}
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        log.info("evaluation (epoch %d): %s | protocol %s", trainer.current_epoch, metrics, result["protocol"])

@@ -30,13 +30,15 @@ class ShardDataModule(L.LightningDataModule):
         build: name of an embedded dataset (``emoji``/``fashion_mnist``) built by ``prepare_data``
             into ``build_dir`` when its shards are missing, with ``build_args``.
         mode: ``epoch`` (default; exact epochs, no repeats) or ``resampled``.
+        name, image_root: the dataset's name and its image shards (``train/``, ``val/``) for evaluation.
     """
 
     def __init__(self, train: Mapping, collator, val: str | list | None = None, val_collator=None,
                  decode: DecodeConfig | None = None, num_workers: int = 2, mode: str = "epoch",
                  batches_per_epoch: int | None = None, val_batches: int | None = None,
                  shuffle_buffer: int = 1000, seed: int = 0, pin_memory: bool = False,
-                 build: str | None = None, build_dir: str | None = None, build_args: Mapping | None = None):
+                 build: str | None = None, build_dir: str | None = None, build_args: Mapping | None = None,
+                 name: str = "data", image_root: str | None = None):
         super().__init__()
         self.train_spec = {k: v for k, v in dict(train).items() if v is not None}  # null removes a source
         self.val_spec = val
@@ -46,6 +48,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_batches, self.shuffle_buffer = val_batches, shuffle_buffer
         self.seed, self.pin_memory = seed, pin_memory
         self.build, self.build_dir, self.build_args = build, build_dir, dict(build_args or {})
+        self.name, self.image_root = name, image_root  # image_root: image shards used by evaluation
 
     # ------------------------------------------------------------------ data preparation
     def _missing(self) -> bool:

@@ -40,7 +40,7 @@ class TokenGeneratorModule(UnifuseModule):
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": {**self.net.config(), "tokenizer_ckpt": self.tokenizer_ckpt,
                                               "text_tokenizer": self.net.text_tokenizer.to_config(),
-                                              "cond": self.cond}}
+                                              "cond": self.cond, "sampling": self.sampling}}
 
     # ------------------------------------------------------------------ batches
     def _codes(self, batch: dict) -> torch.Tensor:

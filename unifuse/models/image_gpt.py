@@ -105,7 +105,7 @@ class ImageGPT(TokenImageModel):
     def training_rows(self, codes: torch.Tensor, conds: list) -> tuple[Prompts, torch.Tensor]:
         """Full rows (prompt + codes + EOI) for teacher forcing. codes: (B, h*w) code indices."""
         v = self.vocab
-        pr = self.prompts(conds, codes.device, pad_to=self.max_text_len + 2)
+        pr = self.prompts(conds, codes.device, pad_to=None)  # left-pad to the longest prompt of the batch
         b = codes.shape[0]
         img = torch.cat([v.code_to_id(codes), torch.full((b, 1), v.eoi, device=codes.device)], 1)
         n = img.shape[1]

@@ -28,7 +28,7 @@ class MaskGIT(TokenImageModel):
     kind = "maskgit"
 
     def _rows(self, image_tokens: torch.Tensor, conds: list):
-        pr = self.prompts(conds, image_tokens.device, pad_to=self.max_text_len + 2)
+        pr = self.prompts(conds, image_tokens.device, pad_to=None)  # left-pad to the longest prompt of the batch
         n = image_tokens.shape[1]
         tokens = torch.cat([pr.tokens, image_tokens], 1)
         pos = torch.cat([pr.positions, pr.lengths[:, None] + torch.arange(n, device=tokens.device)], 1)
