@@ -40,6 +40,14 @@ def test_short_run_with_wandb_offline_logs_images_usage_and_checkpoint(tiny_emoj
     assert ckpt["unifuse"]["kind"] == "vqvae"
 
 
+def test_throughput_mfu_and_memory_are_logged(tiny_emoji, tmp_path):
+    over = tiny_overrides(tiny_emoji) + ["trainer=debug_limit", "trainer.max_epochs=1", "logger=csv",
+                                         "callbacks.throughput.log_every_n_steps=1", "callbacks.fidelity=null"]
+    m = train(compose_cfg(over, tmp_path))["metrics"]
+    assert m["perf/samples_per_s"] > 0 and m["perf/peak_memory_gb"] > 0.05
+    assert 0 < m["perf/mfu"] < 1.0  # FLOPs counted by torch against a GEMM measured on this CPU
+
+
 def test_csv_logger_and_resume(tiny_emoji, tmp_path):
     over = tiny_overrides(tiny_emoji) + ["trainer=debug_limit", "logger=csv", "trainer.max_epochs=1"]
     first = train(compose_cfg(over, tmp_path / "a"))

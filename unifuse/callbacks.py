@@ -47,6 +47,12 @@ class ImageLogger(L.Callback):
                     grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
                     caption = "; ".join(captions[:nrow]) if captions else name
                     lg.log_image(key=f"images/{name}", images=[grid], caption=[caption], step=trainer.global_step)
+                    if captions and name != "reconstructions":  # prompt -> image table for fixed prompts
+                        import wandb
+
+                        rows = [[c, wandb.Image(img)] for c, img in zip(captions, images)]
+                        lg.log_table(key=f"tables/{name}", columns=["prompt", "image"], data=rows,
+                                     step=trainer.global_step)
 
 
 class DataStatsCallback(L.Callback):
@@ -95,31 +101,86 @@ class DataStatsCallback(L.Callback):
             self.counts = Counter()
 
 
+# dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12),
+              ("RTX 3090", 71e12), ("V100", 125e12)]
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the table for known GPUs; on CPU a GEMM measured now."""
+    import time
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS:
+            if key in name:
+                return peak, f"table:{key}"
+        return float("nan"), f"unknown GPU {name}"
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 2 * 1024**3 * 10 / (time.perf_counter() - t), "measured fp32 GEMM"
+
+
 class ThroughputMonitor(L.Callback):
-    """Samples/s and step time from wall-clock time between training batches (rank 0 view)."""
+    """Samples/s, tokens/s, step time, MFU and peak memory (logged from rank 0, for all ranks).
+
+    MFU = model FLOPs per sample (``pl_module.flops_per_batch(batch)`` on the first batch) x
+    samples/s / (peak FLOP/s x world size). Peak: PEAK_FLOPS for GPUs, a measured GEMM on CPU."""
 
     def __init__(self, log_every_n_steps: int = 50):
         self.every = log_every_n_steps
-        self._t0 = None
-        self._n = 0
+        self._t0, self._n, self._tokens = None, 0, 0
+        self.flops_per_sample: float | None = None
+        self.peak, self.peak_source = None, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.peak, self.peak_source = device_peak_flops(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         import time
 
+        if self.flops_per_sample is None and hasattr(pl_module, "flops_per_batch"):
+            n = _batch_size(batch)
+            self.flops_per_sample = pl_module.flops_per_batch(batch) / max(1, n)
         if self._t0 is None:
-            self._t0, self._n = time.perf_counter(), 0
+            self._t0, self._n, self._tokens = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import time
 
-        x = batch.get("image") if isinstance(batch, dict) else None
-        x = x if x is not None else (batch.get("tokens") if isinstance(batch, dict) else None)
-        self._n += len(x) if isinstance(x, torch.Tensor) else 0
-        if (batch_idx + 1) % self.every == 0:
-            dt = time.perf_counter() - self._t0
-            pl_module.log_dict({"perf/samples_per_s": self._n * trainer.world_size / dt,
-                                "perf/step_time_s": dt / self.every}, rank_zero_only=True)
-            self._t0, self._n = time.perf_counter(), 0
+        self._n += _batch_size(batch)
+        self._tokens += int(getattr(pl_module, "last_batch_tokens", 0) or 0)
+        if (batch_idx + 1) % self.every:
+            return
+        dt = time.perf_counter() - self._t0
+        w = trainer.world_size
+        m = {"perf/samples_per_s": self._n * w / dt, "perf/step_time_s": dt / self.every}
+        if self._tokens:
+            m["perf/tokens_per_s"] = self._tokens * w / dt
+        if self.flops_per_sample and self.peak:
+            m["perf/mfu"] = self.flops_per_sample * self._n / dt / self.peak
+        if pl_module.device.type == "cuda":
+            m["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        else:
+            import resource
+
+            m["perf/peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        pl_module.log_dict(m, rank_zero_only=True)
+        self._t0, self._n, self._tokens = time.perf_counter(), 0, 0
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, dict):
+        for k in ("image", "codes", "tokens"):
+            if isinstance(batch.get(k), torch.Tensor):
+                return len(batch[k])
+        if "caption" in batch:
+            return len(batch["caption"])
+    return 0
 
 
 class SampleAudit(L.Callback):

@@ -4,6 +4,7 @@ shards (``batch["codes"]``) or are encoded on the fly by the frozen VQ-VAE token
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from unifuse.lit.base import UnifuseModule
 from unifuse.models.image_gpt import TokenImageModel
 from unifuse.models.vqvae import VQVAE, load_vqvae
+from unifuse.text.tokenizer import ByteTokenizer
 
 
 class TokenGeneratorModule(UnifuseModule):
@@ -55,13 +57,23 @@ class TokenGeneratorModule(UnifuseModule):
         raw = batch["caption"] if self.cond == "text" else batch["cls"].tolist()
         return [None if self._rng.random() < drop else c for c in raw]
 
+    def flops_per_batch(self, batch: dict) -> float:
+        """Transformer training FLOPs (6N + attention) for the rows this batch makes."""
+        n = len(batch["caption"])
+        seq = self.net.max_text_len // 2 + 3 + self.net.n_image_tokens  # typical caption length
+        return self.net.net.flops_per_token(seq) * seq * n
+
     def training_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(self._codes(batch), self._conds(batch, self.p_uncond))
+        self.last_batch_tokens = int(out.pop("tokens"))
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["caption"]))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(self._codes(batch), self._conds(batch, 0.0))
+        out.pop("tokens")
+        if "text_loss" in out and isinstance(self.net.text_tokenizer, ByteTokenizer):
+            out["caption_bpb"] = out["text_loss"] / math.log(2)  # bits per byte of held-out captions
         self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=len(batch["caption"]))
 
     # ------------------------------------------------------------------ sampling

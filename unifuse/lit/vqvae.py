@@ -23,6 +23,18 @@ class VQVAEModule(UnifuseModule):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
+    @torch.no_grad()
+    def flops_per_batch(self, batch: dict) -> float:
+        """Training FLOPs of one batch: the forward counted by torch's FlopCounterMode, x3."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = batch["image"]
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.net(x[:1])
+        return 3.0 * counter.get_total_flops() * len(x)
+
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config()}
 

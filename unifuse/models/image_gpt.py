@@ -123,11 +123,12 @@ class ImageGPT(TokenImageModel):
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         is_img = torch.zeros_like(valid)
         is_img[:, p - 1:] = True  # targets from the first code to EOI
-        text_mask, img_mask = valid & ~is_img, valid & is_img
+        text_mask, img_mask = valid & ~is_img & (y != self.vocab.boi), valid & is_img  # caption tokens only
         image_loss = (ce * img_mask).sum() / img_mask.sum()
         text_loss = (ce * text_mask).sum() / text_mask.sum().clamp_min(1)
         total = (ce * valid).sum() / valid.sum()
-        return {"loss": total, "image_loss": image_loss, "text_loss": text_loss}
+        return {"loss": total, "image_loss": image_loss, "text_loss": text_loss,
+                "tokens": torch.tensor(x.numel())}
 
     @torch.no_grad()
     def generate(self, conds: list, cfg_scale: float | None = None, temperature: float = 1.0,

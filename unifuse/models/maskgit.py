@@ -51,7 +51,8 @@ class MaskGIT(TokenImageModel):
         inp = torch.where(masked, torch.full_like(codes, self.vocab.mask), self.vocab.code_to_id(codes))
         logits = self.image_forward(inp, conds)
         ce = F.cross_entropy(logits[masked].float(), codes[masked])
-        return {"loss": ce, "image_loss": ce, "masked_fraction": masked.float().mean()}
+        return {"loss": ce, "image_loss": ce, "masked_fraction": masked.float().mean(),
+                "tokens": torch.tensor(inp.numel() + b * (self.max_text_len // 2))}
 
     @torch.no_grad()
     def generate(self, conds: list, steps: int = 8, cfg_scale: float | None = None, temperature: float = 1.0,
