@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from unifuse.config import CONF_DIR
 
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra"]
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "hydra", "eval"]
 
 
 def options(group: str) -> list[str]:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         o = _parse(argv[1:])
         if "shards" not in o or "out" not in o:
             raise SystemExit("build-extractor needs shards=<train image shards> out=<file.pt>")
-        info = train_domain_extractor(o["shards"], o["out"], epochs=int(o.get("epochs", 8)))
+        info = train_domain_extractor(o["shards"], o["out"], epochs=int(o.get("epochs", 6)))
         print(json.dumps(info))
         return info
     o = {k: _value(v) if k not in ("ckpt", "out", "tokenizer", "reference", "domain_weights",

@@ -34,7 +34,7 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 class DomainNet(nn.Module):
     """uint8 images (any size) -> 32x32 -> 3 conv stages -> 128-d features -> class logits."""
 
-    def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 128):
+    def __init__(self, num_classes: int, width: int = 16, feature_dim: int = 128):
         super().__init__()
 
         def stage(i, o):
@@ -159,8 +159,8 @@ def label_of(sample) -> str | None:
     return emoji_label(sample.meta)
 
 
-def train_domain_extractor(shards: str, out: str | Path, epochs: int = 8, batch_size: int = 128,
-                           lr: float = 2e-3, seed: int = 0, max_samples: int | None = None) -> dict:
+def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_size: int = 128,
+                           lr: float = 2e-3, seed: int = 0, max_samples: int | None = 10_000) -> dict:
     """Train the domain classifier on labelled training shards and save it (weights only)."""
     from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
     from unifuse.data.shards import expand_shards
@@ -187,7 +187,8 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 8, batch_
     classes = sorted(set(labels))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([classes.index(v) for v in labels])
-    net = DomainNet(len(classes))
+    arch = {"width": 16, "feature_dim": 128}
+    net = DomainNet(len(classes), **arch)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
@@ -210,7 +211,7 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 8, batch_
         acc = float((torch.cat([net(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]) == y).float().mean())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "classes": classes, "arch": {},
+    torch.save({"state_dict": net.state_dict(), "classes": classes, "arch": arch,
                 "meta": {"shards": str(shards), "samples": len(x), "train_accuracy": acc, "epochs": epochs}}, out)
     info = {"path": str(out), "classes": len(classes), "samples": len(x), "train_accuracy": round(acc, 4),
             "hash": file_hash(out)}
