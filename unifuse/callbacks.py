@@ -236,8 +236,14 @@ class FidelityEval(L.Callback):
                 from unifuse.eval.extractors import train_domain_extractor
 
                 log.info("training the domain feature extractor on %s -> %s", self.build_from, weights)
-                train_domain_extractor(self.build_from, weights)
+                try:
+                    train_domain_extractor(self.build_from, weights)
+                except (ValueError, FileNotFoundError) as e:  # e.g. unlabelled data: no domain classes
+                    log.warning("online evaluation off: cannot build the domain extractor (%s)", e)
             trainer.strategy.barrier()
+            if not Path(weights).is_file():
+                self.enabled = False
+                return
         if self.cfg.extractor == "inception":  # fail at start-up, not after an epoch of training
             from unifuse.eval.extractors import inception_weights
 

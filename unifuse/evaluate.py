@@ -20,17 +20,12 @@ from pathlib import Path
 
 import torch
 
+from unifuse.cli import parse_kv
 from unifuse.eval.fidelity import EvalConfig, evaluate_generator, evaluate_tokenizer, metric_name
 
 
 def _parse(argv: list[str]) -> dict:
-    out = {}
-    for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r}\n\n{__doc__}")
-        k, v = a.split("=", 1)
-        out[k.lstrip("-").replace("-", "_")] = v
-    return out
+    return parse_kv(argv, __doc__)
 
 
 def _value(v: str):
@@ -77,10 +72,11 @@ def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
     result = {"checkpoint": str(ckpt_path), "kind": kind, "epoch": ck.get("epoch"), "step": ck.get("global_step"),
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}
-    out = Path(opts.get("out") or ckpt_path.parent / (
-        f"eval_{ckpt_path.stem}_{result['protocol']['feature_extractor']}_n{result['protocol']['n']}"
-        f"{'_cfg' + str(result['protocol'].get('cfg_scale')) if result['protocol'].get('cfg_scale') is not None else ''}"
-        f"{'_steps' + str(result['protocol']['steps']) if result['protocol'].get('steps') else ''}.json"))
+    p = result["protocol"]
+    slug = f"{p['feature_extractor']}_n{p['n']}"
+    slug += f"_cfg{p['cfg_scale']}" if p.get("cfg_scale") is not None else ""
+    slug += f"_steps{p['steps']}" if p.get("steps") else ""
+    out = Path(opts.get("out") or ckpt_path.parent / f"eval_{ckpt_path.stem}_{slug}.json")
     out.write_text(json.dumps(result, indent=2))
     result["json"] = str(out)
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from unifuse.cli import parse_kv
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.transformer import TransformerConfig
@@ -42,13 +43,7 @@ def load_generator(path: str | Path, map_location="cpu"):
 
 
 def _parse(argv: list[str]) -> dict:
-    opts = {}
-    for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r}\n\n{__doc__}")
-        k, v = a.split("=", 1)
-        opts[k.lstrip("-").replace("-", "_")] = v
-    return opts
+    return parse_kv(argv, __doc__)
 
 
 def _num(v: str | None, cast=float):
