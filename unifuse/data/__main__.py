@@ -16,20 +16,12 @@ from collections import Counter
 
 
 def _texts(spec: str):
-    from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-    from unifuse.data.shards import expand_shards
-    from unifuse.data.stream import _raw_samples
+    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.stream import iter_decoded
 
-    cfg, stats = DecodeConfig(), Counter()
-    for url in expand_shards(spec):
-        for raw in _raw_samples(url, 0, None, stats):
-            raw = {k: v for k, v in raw.items() if not k.endswith(("png", "jpg", "jpeg", "webp"))}
-            try:
-                s = decode_sample(raw, cfg, stats)
-            except SkipSample:
-                continue
-            if s.text:
-                yield s.text
+    for s in iter_decoded(spec, DecodeConfig(), Counter(), drop_exts=("png", "jpg", "jpeg", "webp")):
+        if s.text:
+            yield s.text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,22 +129,3 @@ class ShardDataModule(L.LightningDataModule):
         if img is not None and img.dtype == torch.uint8:  # uint8 over IPC/PCIe, floats on the device
             batch["image"] = img.float().div_(127.5).sub_(1.0)
         return batch
-
-    def fixed_examples(self, n: int, split: str = "val") -> list[dict]:
-        """The first n decoded samples of a split, for fixed-prompt sample grids."""
-        from collections import Counter
-
-        from unifuse.data.samples import SkipSample, decode_sample
-        from unifuse.data.stream import _raw_samples
-
-        spec = self.val_spec if split == "val" else next(iter(self.train_spec.values()))["shards"]
-        out, stats = [], Counter()
-        for url in expand_shards(spec):
-            for raw in _raw_samples(url, 0, None, stats):
-                try:
-                    out.append(decode_sample(raw, self.decode, stats))
-                except SkipSample:
-                    continue
-                if len(out) >= n:
-                    return out
-        return out

@@ -118,6 +118,19 @@ def _raw_samples(url: str, skip: int, take: int | None, stats: Counter) -> Itera
         yield raw
 
 
+def iter_decoded(spec, cfg: DecodeConfig, stats: Counter, drop_exts: tuple[str, ...] = ()) -> Iterator:
+    """Every usable sample of a shard spec in shard order, skips counted in ``stats``.
+    ``drop_exts``: member endings not to decode at all (e.g. images when only text is wanted)."""
+    for url in expand_shards(spec):
+        for raw in _raw_samples(url, 0, None, stats):
+            if drop_exts:
+                raw = {k: v for k, v in raw.items() if not k.endswith(drop_exts)}
+            try:
+                yield decode_sample(raw, cfg, stats)
+            except SkipSample as e:
+                stats[e.reason] += 1
+
+
 def _slice(counts: list[int], order: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
     """(shard index, skip, take) pieces covering [start, stop) of the shards laid end to end in ``order``."""
     pieces, offset = [], 0

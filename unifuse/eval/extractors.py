@@ -162,26 +162,20 @@ def label_of(sample) -> str | None:
 def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_size: int = 128,
                            lr: float = 2e-3, seed: int = 0, max_samples: int | None = 10_000) -> dict:
     """Train the domain classifier on labelled training shards and save it (weights only)."""
-    from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-    from unifuse.data.shards import expand_shards
-    from unifuse.data.stream import _raw_samples
+    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.stream import iter_decoded
 
     torch.manual_seed(seed)
     stats, images, labels = Counter(), [], []
-    for url in expand_shards(shards):
-        for raw in _raw_samples(url, 0, None, stats):
-            try:
-                s = decode_sample(raw, DecodeConfig(image_size=32, require_image=True), stats)
-            except SkipSample:
-                continue
-            lab = label_of(s)
-            if lab is None:
-                stats["unlabelled"] += 1
-                continue
-            images.append(s.images[0])
-            labels.append(lab)
-            if max_samples and len(images) >= max_samples:
-                break
+    for s in iter_decoded(shards, DecodeConfig(image_size=32, require_image=True), stats):
+        lab = label_of(s)
+        if lab is None:
+            stats["unlabelled"] += 1
+            continue
+        images.append(s.images[0])
+        labels.append(lab)
+        if max_samples and len(images) >= max_samples:
+            break
     if len(set(labels)) < 2:
         raise ValueError(f"need at least two classes to train the domain extractor, found {set(labels)}")
     classes = sorted(set(labels))

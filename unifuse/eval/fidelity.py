@@ -55,22 +55,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def reference_set(shards: str, n: int, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """First n decodable images of a split (shard order: deterministic) and their captions."""
-    from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-    from unifuse.data.shards import expand_shards
-    from unifuse.data.stream import _raw_samples
+    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.stream import iter_decoded
 
-    stats, images, captions = Counter(), [], []
-    cfg = DecodeConfig(image_size=size, require_image=True)
-    for url in expand_shards(shards):
-        for raw in _raw_samples(url, 0, None, stats):
-            try:
-                s = decode_sample(raw, cfg, stats)
-            except SkipSample:
-                continue
-            images.append(s.images[0])
-            captions.append(s.text or "")
-            if len(images) >= n:
-                break
+    images, captions = [], []
+    for s in iter_decoded(shards, DecodeConfig(image_size=size, require_image=True), Counter()):
+        images.append(s.images[0])
+        captions.append(s.text or "")
         if len(images) >= n:
             break
     if not images:
