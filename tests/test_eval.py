@@ -102,3 +102,13 @@ def test_online_rfid_is_reproduced_by_the_evaluate_cli(tiny_emoji, domain_weight
 def test_metric_names_carry_the_protocol():
     p = {"feature_extractor": "inception-v3-compat", "n": 10000, "cfg_scale": 3.0, "steps": 8}
     assert metric_name("fid", p) == "eval/fid@inception-v3-compat-n10000-cfg3.0-steps8"
+
+
+def test_domain_extractor_files_of_other_widths_load(tmp_path):
+    from unifuse.eval.extractors import DomainNet, load_domain_net
+    net = DomainNet(5, width=32, feature_dim=64)
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": net.state_dict(), "classes": list("abcde")}, path)  # no arch entry
+    loaded, _ = load_domain_net(path)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(loaded(x), net.eval()(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -55,7 +56,10 @@ def test_sampling_cli_writes_a_grid(tiny_codes, tiny_tokenizer, tmp_path):
         out = main([f"ckpt={ckpt}", "prompt=twemoji dog face|openmoji red heart", "n=3", "cfg_scale=2",
                     f"out={tmp_path / model}.png", "steps=4"])
         im = Image.open(out)
-        assert im.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # 3 per row, 2 prompts, padding 2
+        assert im.size[0] == 3 * 96 + 4 * 4  # 3 per row, 16px images scaled x6 to 96, padding 4
+        rows = np.asarray(im.convert("L"))[:, 4:4 + 3 * 100]
+        caption_band = rows[4 + 96 + 2: 4 + 96 + 14]  # first line of text under the first row
+        assert (caption_band < 128).any()  # the prompt is written there
         again = main([f"ckpt={ckpt}", "prompt=twemoji dog face|openmoji red heart", "n=3", "cfg_scale=2",
                       f"out={tmp_path / model}_2.png", "steps=4"])
         assert np.array_equal(np.asarray(Image.open(again)), np.asarray(im))  # seeded
@@ -70,3 +74,18 @@ def test_ddp_two_processes_ar_gpt(tiny_codes, tiny_tokenizer, tmp_path):
     assert len(dirs) == 1 and (dirs[0] / "checkpoints" / "last.ckpt").is_file()
     ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["unifuse"]["kind"] == "ar_gpt" and ck["unifuse"]["config"]["vocab"]["image_codes"] == 32
+
+
+def test_captioned_grid_layout():
+    from unifuse.viz import captioned_grid
+
+    images = torch.zeros(6, 3, 8, 8)
+    with pytest.raises(ValueError, match="captions"):
+        captioned_grid(images, ["a"], nrow=3)
+    g = np.asarray(captioned_grid(images, ["dog face", "", "", "", "", ""], nrow=3).convert("L"))
+    tile = 96  # 8px scaled x12
+    assert g.shape[1] == 3 * (tile + 4) + 4
+    assert (g[4:4 + tile, 4:4 + tile] == 0).all()  # the image itself, nearest-upscaled
+    assert (g[4 + tile:4 + tile + 14, 4:4 + tile] < 128).any()  # its caption
+    second_row = g.shape[0] // 2
+    assert not (g[second_row + 4 + tile:, :] < 128).any()  # no caption under uncaptioned tiles

@@ -13,12 +13,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from unifuse.viz import save_captioned_grid
+
 log = logging.getLogger("unifuse")
 
 
 class ImageLogger(L.Callback):
     """Calls ``pl_module.log_images(batch)`` on the first validation batch (rank 0 only), writes each
-    grid as PNG under ``<run dir>/images`` and logs it to W&B with its captions."""
+    grid as PNG under ``<run dir>/images`` (captioned grids carry the prompt under each image) and
+    logs it to W&B with its captions."""
 
     def __init__(self, out_dir: str, every_n_epochs: int = 1, nrow: int = 8):
         self.out_dir, self.every_n_epochs, self.nrow = Path(out_dir), every_n_epochs, nrow
@@ -40,7 +43,10 @@ class ImageLogger(L.Callback):
             nrow = min(self.nrow, len(images)) if name != "reconstructions" else max(1, len(images) // 2)
             nrow = min(nrow, 16)
             path = self.out_dir / f"{name}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:07d}.png"
-            save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+            if captions and name != "reconstructions":  # prompt under each sample
+                save_captioned_grid(images, captions, path, nrow=nrow)
+            else:
+                save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
             self.written.append(path)
             for lg in trainer.loggers:
                 if isinstance(lg, WandbLogger):

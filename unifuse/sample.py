@@ -2,7 +2,8 @@
 
 Loads an ar_gpt or maskgit checkpoint (weights-only, no Lightning), samples ``n`` images per
 prompt (several prompts: ``prompt="dog face|red heart"``), decodes them with the tokenizer stored
-in the checkpoint (or ``tokenizer=<vqvae ckpt>``), writes a PNG grid and prints its path.
+in the checkpoint (or ``tokenizer=<vqvae ckpt>``), writes a PNG grid (one row per prompt when n <= 16,
+the prompt written under its first image) and prints its path.
 
 Options (key=value): ckpt, prompt, n (16), cfg_scale (3.0; 'none' for no guidance), temperature
 (1.0), top_k, top_p, steps (MaskGIT, 8), seed (0), out (next to the checkpoint), tokenizer, device.
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from unifuse.cli import parse_kv
 from unifuse.models.image_gpt import ImageGPT
@@ -24,6 +24,7 @@ from unifuse.models.transformer import TransformerConfig
 from unifuse.models.vqvae import load_vqvae
 from unifuse.text.tokenizer import load_tokenizer
 from unifuse.text.vocab import VocabLayout
+from unifuse.viz import save_captioned_grid
 
 KINDS = {"ar_gpt": ImageGPT, "maskgit": MaskGIT}
 
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(o.get("out") or Path(o["ckpt"]).parent.parent / "samples" /
                f"{meta['kind']}_{'_'.join(str(p).replace(' ', '-') for p in prompts)[:80]}_s{kw['seed']}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=n if n <= 16 else 16, padding=2, pad_value=1.0)
+    nrow = min(n, 16)
+    # the prompt under the first image of each prompt's run of n samples
+    save_captioned_grid(images, [str(c) if i % n == 0 else "" for i, c in enumerate(conds)], out, nrow=nrow)
     print(f"{len(conds)} samples in {dt:.1f}s -> {out}")
     return out
 

@@ -69,8 +69,10 @@ def load_domain_net(path: str | Path) -> tuple[DomainNet, dict]:
             "(the training app builds it on first use), or set eval.domain_weights"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = DomainNet(len(ckpt["classes"]), **ckpt.get("arch", {}))
-    net.load_state_dict(ckpt["state_dict"])
+    sd = ckpt["state_dict"]
+    # the shapes come from the weights, so files written with other widths load too
+    net = DomainNet(len(ckpt["classes"]), width=sd["body.0.0.weight"].shape[0], feature_dim=sd["head.weight"].shape[1])
+    net.load_state_dict(sd)
     return net.eval(), ckpt
 
 

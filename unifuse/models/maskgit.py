@@ -31,14 +31,21 @@ class MaskGIT(TokenImageModel):
         pr = self.prompts(conds, image_tokens.device, pad_to=None)  # left-pad to the longest prompt of the batch
         n = image_tokens.shape[1]
         tokens = torch.cat([pr.tokens, image_tokens], 1)
-        pos = torch.cat([pr.positions, pr.lengths[:, None] + torch.arange(n, device=tokens.device)], 1)
+        pos = torch.cat([pr.positions, self._image_positions(pr, n)], 1)
         doc = torch.cat([pr.doc_id, torch.zeros_like(image_tokens)], 1)
-        return tokens, pos, doc if pr.padded else None, pr.tokens.shape[1]
+        image_id = torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(image_tokens)], 1)
+        return tokens, pos, doc if pr.padded else None, image_id, pr.tokens.shape[1]
+
+    @staticmethod
+    def _image_positions(pr, n: int) -> torch.Tensor:
+        return pr.lengths[:, None] + torch.arange(n, device=pr.tokens.device)
 
     def image_forward(self, image_tokens: torch.Tensor, conds: list) -> torch.Tensor:
-        """Logits over the image codes for every image position: (B, N, codebook)."""
-        tokens, pos, doc, p = self._rows(image_tokens, conds)
-        h = self.net.forward_hidden(self.net.tok_emb(tokens), pos, causal=False, doc_id=doc)
+        """Logits over the image codes for every image position: (B, N, codebook). The caption is
+        causal and the image one bidirectional block (the Transfusion mask), so the caption never
+        depends on the image and its keys/values can be cached across decoding steps."""
+        tokens, pos, doc, image_id, p = self._rows(image_tokens, conds)
+        h = self.net.forward_hidden(self.net.tok_emb(tokens), pos, doc_id=doc, image_id=image_id)
         return self.image_logits(self.net.lm_head(h[:, p:]))
 
     def loss(self, codes: torch.Tensor, conds: list) -> dict[str, torch.Tensor]:
@@ -57,10 +64,12 @@ class MaskGIT(TokenImageModel):
     @torch.no_grad()
     def generate(self, conds: list, steps: int = 8, cfg_scale: float | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, noise: float = 4.5,
-                 seed: int | list[int] | None = None, progress: bool = False, return_trace: bool = False):
+                 seed: int | list[int] | None = None, use_cache: bool = True, progress: bool = False,
+                 return_trace: bool = False):
         """K = ``steps`` forward passes -> (B, h, w) codes. ``noise``: initial Gumbel temperature of
         the confidence ranking (annealed linearly to 0). ``return_trace``: also the step at which
-        each position was decoded (B, N)."""
+        each position was decoded (B, N). ``use_cache``: run the caption once and only the image
+        positions at each step (``False`` reruns the whole sequence, the reference)."""
         dev = self.net.tok_emb.weight.device
         b, n = len(conds), self.n_image_tokens
         rows = list(conds) + ([None] * b if cfg_scale is not None else [])
@@ -68,12 +77,25 @@ class MaskGIT(TokenImageModel):
         codes = torch.zeros(b, n, dtype=torch.long, device=dev)
         known = torch.zeros(b, n, dtype=torch.bool, device=dev)
         decoded_at = torch.full((b, n), -1, dtype=torch.long, device=dev)
+        if use_cache:  # the caption's keys/values once, for all K steps
+            pr = self.prompts(rows, dev, pad_to=None)
+            cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n)
+            self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions,
+                                    doc_id=pr.doc_id if pr.padded else None, cache=cache)
+            img_pos = self._image_positions(pr, n)
         for k in tqdm(range(steps), desc="maskgit", unit="step", disable=not progress):
             inp = torch.where(known, self.vocab.code_to_id(codes), torch.full_like(codes, self.vocab.mask))
-            logits = self.guide(self.image_forward(inp.repeat(len(rows) // b, 1), rows).float(), cfg_scale)
+            inp = inp.repeat(len(rows) // b, 1)
+            if use_cache:  # only the image runs; the cached caption is rewound to after every step
+                h = self.net.forward_hidden(self.net.tok_emb(inp), img_pos, doc_id=torch.zeros_like(inp),
+                                            image_id=torch.zeros_like(inp), cache=cache)
+                cache.truncate(cache.length - n)
+                logits = self.image_logits(self.net.lm_head(h))
+            else:
+                logits = self.image_forward(inp, rows)
+            logits = self.guide(logits.float(), cfg_scale)
             flat = logits.reshape(b * n, -1)
-            row_gens = None if gens is None else [g for g in gens for _ in range(n)]
-            sampled = sample_logits(flat, temperature, top_k, top_p, row_gens).view(b, n)
+            sampled = sample_logits(flat, temperature, top_k, top_p, gens).view(b, n)  # gen r draws row r's n
             probs = flat.softmax(-1).gather(1, sampled.view(-1, 1)).view(b, n)
             n_keep_masked = math.floor(n * cosine_schedule((k + 1) / steps)) if k < steps - 1 else 0
             n_keep_masked = min(n_keep_masked, int((~known).sum(1).min()) - 1) if k < steps - 1 else 0

@@ -1,5 +1,6 @@
-"""Token sampling shared by every generator: temperature, top-k and top-p applied per row, and
-sampling from explicit uniforms so a seeded generator gives the same tokens on any path."""
+"""Token sampling shared by every generator: temperature, top-k and top-p applied per row, and an
+exponential-race draw from per-row seeded noise, so a seeded generator gives the same tokens on any
+code path and for any batch composition."""
 
 from __future__ import annotations
 
@@ -21,26 +22,34 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def uniforms(n: int, generator, device) -> torch.Tensor:
-    """(n, 1) uniforms; with a list of generators (one per row) each row draws from its own, so a
-    row's samples do not depend on what else is in the batch."""
+def exponentials(shape: tuple[int, int], generator, device) -> torch.Tensor:
+    """(B, V) Exp(1) noise. ``generator``: None, one ``torch.Generator``, or a list of G generators
+    with B divisible by G, where generator g draws the g-th block of B/G consecutive rows; a row's
+    noise therefore does not depend on what else is in the batch."""
     if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
-        return u[:, None]
-    return torch.rand(n, 1, generator=generator, device=device)
+        b, v = shape
+        if b % len(generator):
+            raise ValueError(f"{len(generator)} generators for {b} rows")
+        per = b // len(generator)
+        return torch.cat([torch.empty(per, v, device=g.device).exponential_(generator=g)
+                          for g in generator]).to(device)
+    return torch.empty(shape, device=device).exponential_(generator=generator)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator=None) -> torch.Tensor:
     """(B, V) logits -> (B,) token indices. temperature 0 is greedy. ``generator``: None, one
-    ``torch.Generator``, or one per row (see :func:`row_generators`)."""
+    ``torch.Generator``, or a list (see :func:`exponentials` and :func:`row_generators`).
+
+    Sampling is the exponential race argmax_i p_i / E_i with E_i ~ Exp(1), an exact draw from p
+    (the Gumbel-max trick). Unlike inverse-CDF sampling it only changes its answer when the two best
+    scores are within float noise of each other, so two code paths whose logits agree to ~1e-6
+    (KV-cached vs full recomputation) give the same tokens under the same seed."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    u = uniforms(probs.shape[0], generator, probs.device).clamp_min_(1e-7)
-    idx = (probs.cumsum(-1) < u * probs.sum(-1, keepdim=True)).sum(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    return (probs / exponentials(tuple(probs.shape), generator, probs.device)).argmax(-1)
 
 
 def row_generators(seed: int | list[int] | None, rows: int, device) -> list[torch.Generator] | None:

@@ -127,6 +127,13 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (e.g. MaskGIT rewrites its image after a cached
+        prompt at every step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (e.g. after a beam or early stop)."""
         self.k = [t[rows] for t in self.k]
