@@ -84,3 +84,25 @@ def test_slurm_launcher_composes_from_the_trainer():
     launcher = cfg.hydra.launcher
     assert "submitit" in launcher._target_.lower()
     assert launcher.tasks_per_node == 8 and launcher.gpus_per_node == 8 and launcher.nodes == 1
+
+
+def test_code_shards_are_kept_per_tokenizer(tmp_path: Path):
+    """Codes live in a directory tagged by their tokenizer checkpoint: another checkpoint, or the same
+    file rewritten (a resumed run), gets a fresh directory instead of clashing with old codes."""
+    import os
+
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+
+    def build_dir(ckpt: Path) -> str:
+        cfg = _compose(["experiment=ar_emoji", f"model.tokenizer_ckpt={ckpt}", f"paths.data_dir={tmp_path}"])
+        d = cfg.data.build_dir
+        assert cfg.data.train.emoji.shards == f"{d}/train" and cfg.data.val == f"{d}/val"
+        return d
+
+    first = build_dir(a)
+    assert first.startswith(f"{tmp_path}/emoji32_codes/") and build_dir(a) == first
+    assert build_dir(b) != first
+    os.utime(a, ns=(1, 1))
+    assert build_dir(a) != first

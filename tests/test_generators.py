@@ -65,6 +65,19 @@ def test_sampling_cli_writes_a_grid(tiny_codes, tiny_tokenizer, tmp_path):
         assert np.array_equal(np.asarray(Image.open(again)), np.asarray(im))  # seeded
 
 
+def test_sampling_cli_defaults_to_the_checkpoint_sampling_settings():
+    from unifuse.sample import sampling_options
+
+    stored = {"cfg_scale": 1.5, "temperature": 0.8, "top_k": None, "top_p": 0.95, "seed": 0, "steps": 12}
+    ar = sampling_options({"temperature": "1.0", "top_k": "50"}, {"kind": "ar_gpt", "config": {"sampling": stored}})
+    assert ar == {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 0, "progress": True}
+    mg = sampling_options({"cfg_scale": "none", "cfg_schedule": "linear"},
+                          {"kind": "maskgit", "config": {"sampling": stored}})
+    assert mg["cfg_scale"] is None and mg["steps"] == 12 and mg["cfg_schedule"] == "linear"
+    bare = sampling_options({}, {"kind": "maskgit", "config": {}})  # older checkpoints store no settings
+    assert (bare["cfg_scale"], bare["temperature"], bare["steps"]) == (3.0, 1.0, 8)
+
+
 def test_ddp_two_processes_ar_gpt(tiny_codes, tiny_tokenizer, tmp_path):
     args = generator_overrides("ar_gpt", tiny_codes, tiny_tokenizer) + [
         f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",

@@ -77,6 +77,25 @@ def test_dead_code_restart_revives_unused_codes():
     assert counts[0.0] == 1 and counts[0.05] >= 16
 
 
+def test_spread_restarts_avoid_the_mode_a_live_code_already_covers():
+    """90% of the encoder outputs sit on one point that a live code covers: "spread" restarts land on
+    the other 10% (no near-duplicates of the mode), "uniform" ones mostly on the mode."""
+    torch.manual_seed(0)
+    mode = F.normalize(torch.ones(1, 4), dim=1)
+    rest = F.normalize(torch.randn(100, 4), dim=1)
+    z = torch.cat([mode.repeat(900, 1), rest])
+    on_mode = {}
+    for sampling in ("spread", "uniform"):
+        q = VectorQuantizer(QuantizerConfig(codebook_size=32, code_dim=4, dead_code_threshold=0.5,
+                                            restart_sampling=sampling))
+        q.embedding.data[0] = mode[0]
+        q.usage.fill_(0.0)
+        q.usage[0] = 1.0  # only code 0 is alive
+        assert q.restart_dead_codes(z) == 31
+        on_mode[sampling] = int(((q.embedding[1:] - mode).norm(dim=1) < 1e-2).sum())
+    assert on_mode["spread"] == 0 and on_mode["uniform"] >= 20
+
+
 def test_ema_codebook_moves_toward_data():
     q = VectorQuantizer(QuantizerConfig(codebook_size=4, code_dim=2, l2_norm=False, ema_decay=0.5))
     target = torch.tensor([[3.0, 3.0]])

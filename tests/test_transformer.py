@@ -8,7 +8,7 @@ import torch
 from unifuse.models.attention import MaskSpec, attend, dense_mask
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
-from unifuse.models.sampling import filter_logits, sample_logits
+from unifuse.models.sampling import filter_logits, guidance_scale, sample_logits
 from unifuse.models.transformer import SIZES, Transformer, TransformerConfig, config_for
 from unifuse.text.vocab import VocabLayout
 
@@ -104,6 +104,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
 
 
+def test_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=60, dim=32, n_layers=2, n_heads=2)
+    plain, dropped = Transformer(cfg), Transformer(TransformerConfig(**{**cfg.__dict__, "dropout": 0.5}))
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 60, (2, 10))
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))  # inference and cached decoding untouched
+    dropped.train()
+    a, b = dropped(x), dropped(x)
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(x))
+
+
 def test_size_registry_and_flops():
     cfg = config_for("0.16B", vocab_size=32000)
     assert (cfg.n_layers, cfg.dim) == (16, 768) and set(SIZES) >= {"0.37B", "0.76B", "1.4B", "7B", "tiny"}
@@ -183,6 +195,22 @@ def test_cfg_scale_one_equals_conditional_sampling():
     guided = m.generate(conds, cfg_scale=1.0, seed=11)
     assert torch.equal(plain, guided)
     assert not torch.equal(plain, m.generate(conds, cfg_scale=5.0, seed=11))
+
+
+def test_linear_guidance_schedule_ramps_from_conditional_to_the_scale():
+    assert guidance_scale(4.0, "linear", 0.25) == 1.75 and guidance_scale(4.0, "linear", 1.0) == 4.0
+    assert guidance_scale(4.0, "constant", 0.25) == 4.0 and guidance_scale(None, "linear", 0.5) is None
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        guidance_scale(4.0, "cosine", 0.5)
+    m = gpt()  # 16 tokens: token i is guided at 1 + 3 * (i + 1) / 16
+    conds = ["dog face", "pizza"]
+    tokens, ramp = m.generate(conds, cfg_scale=4.0, cfg_schedule="linear", seed=5, return_logits=True)
+    _, first = m.generate(conds, cfg_scale=1.0 + 3.0 / 16, seed=5, return_logits=True)
+    torch.testing.assert_close(ramp[:, 0], first[:, 0])
+    assert not torch.equal(tokens, m.generate(conds, cfg_scale=4.0, seed=5))
+    mg = gpt(MaskGIT)  # MaskGIT ramps over its K steps; scale 1 throughout is conditional sampling
+    assert torch.equal(mg.generate(conds, steps=4, cfg_scale=1.0, cfg_schedule="linear", seed=2),
+                       mg.generate(conds, steps=4, cfg_scale=None, seed=2))
 
 
 def test_tokens_outside_the_image_range_are_never_sampled_inside_an_image():

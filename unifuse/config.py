@@ -8,6 +8,7 @@ modules real dataclass instances.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -84,11 +85,23 @@ def latest_checkpoint(log_dir: str, task_name: str) -> str:
     return str(best)
 
 
+def ckpt_tag(path: str) -> str:
+    """Short stable tag of a checkpoint (its resolved path and modification time), naming data
+    derived from it: codes pre-encoded by one tokenizer land in their own directory, so training
+    a new tokenizer re-encodes instead of mixing codes from two codebooks."""
+    p = Path(path).expanduser()
+    key = str(p.resolve())
+    if p.is_file():
+        key += f":{p.stat().st_mtime_ns}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("unifuse.run_id"):
         OmegaConf.register_new_resolver("unifuse.run_id", run_id)
         OmegaConf.register_new_resolver("unifuse.wandb_offline", wandb_offline)
         OmegaConf.register_new_resolver("unifuse.latest_ckpt", latest_checkpoint, use_cache=True)
+        OmegaConf.register_new_resolver("unifuse.ckpt_tag", ckpt_tag, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="autoencoder", node=AutoencoderConfig)
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)

@@ -7,7 +7,7 @@ next to the checkpoint. ``python -m unifuse.evaluate build-extractor shards=<tra
 trains the domain feature extractor.
 
 Options (key=value): ckpt, n, extractor (domain|inception), domain_weights, inception_weights,
-reference (image shards), reference_name, seed, batch_size, cfg_scale ('none': no guidance), steps,
+reference (image shards), reference_name, seed, batch_size, cfg_scale ('none': no guidance), cfg_schedule, steps,
 temperature, top_k, top_p, tokenizer, out, device.
 """
 
@@ -61,7 +61,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
         net, meta = load_generator(ckpt_path, device)
         tok = load_vqvae(opts.get("tokenizer") or meta["config"]["tokenizer_ckpt"], device).to(device)
         sampling = dict(meta["config"].get("sampling") or {})
-        for k in ("cfg_scale", "steps", "temperature", "top_k", "top_p"):
+        for k in ("cfg_scale", "cfg_schedule", "steps", "temperature", "top_k", "top_p"):
             if k in opts:
                 sampling[k] = opts[k]
         if kind == "ar_gpt":
@@ -75,6 +75,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
     p = result["protocol"]
     slug = f"{p['feature_extractor']}_n{p['n']}"
     slug += f"_cfg{p['cfg_scale']}" if p.get("cfg_scale") is not None else ""
+    slug += "lin" if p.get("cfg_scale") is not None and p.get("cfg_schedule") == "linear" else ""
     slug += f"_steps{p['steps']}" if p.get("steps") else ""
     out = Path(opts.get("out") or ckpt_path.parent / f"eval_{ckpt_path.stem}_{slug}.json")
     out.write_text(json.dumps(result, indent=2))

@@ -5,8 +5,10 @@ prompt (several prompts: ``prompt="dog face|red heart"``), decodes them with the
 in the checkpoint (or ``tokenizer=<vqvae ckpt>``), writes a PNG grid (one row per prompt when n <= 16,
 the prompt written under its first image) and prints its path.
 
-Options (key=value): ckpt, prompt, n (16), cfg_scale (3.0; 'none' for no guidance), temperature
-(1.0), top_k, top_p, steps (MaskGIT, 8), seed (0), out (next to the checkpoint), tokenizer, device.
+Options (key=value): ckpt, prompt, n (16), out (next to the checkpoint), tokenizer, device, and the
+sampling settings cfg_scale ('none' for no guidance), cfg_schedule (constant|linear), temperature,
+top_k, top_p, steps (MaskGIT), seed. Sampling settings default to the ones the training run used
+(``model.sampling``, stored in the checkpoint), else cfg_scale 3.0, temperature 1.0, steps 8, seed 0.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def _num(v: str | None, cast=float):
     return None if v is None or v.lower() in ("none", "null", "") else cast(v)
 
 
+def sampling_options(o: dict, meta: dict) -> dict:
+    """generate() keywords: the checkpoint's stored sampling settings, overridden by the command line."""
+    kw = {"cfg_scale": 3.0, "temperature": 1.0, "seed": 0, **(meta["config"].get("sampling") or {})}
+    parse = {"cfg_scale": _num, "temperature": float, "top_k": lambda v: _num(v, int), "top_p": _num,
+             "seed": int, "steps": int, "cfg_schedule": str}
+    for k, cast in parse.items():
+        if k in o:
+            kw[k] = cast(o[k])
+    if meta["kind"] == "maskgit":
+        kw.setdefault("steps", 8)
+    else:
+        kw.pop("steps", None)
+    return {**kw, "progress": True}
+
+
 def main(argv: list[str] | None = None) -> Path:
     o = _parse(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in o:
@@ -68,11 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
         prompts = [int(p) for p in prompts]
     n = int(o.get("n", 16))
     conds = [p for p in prompts for _ in range(n)]
-    kw = dict(cfg_scale=_num(o.get("cfg_scale", "3.0")), temperature=float(o.get("temperature", 1.0)),
-              top_k=_num(o.get("top_k"), int), top_p=_num(o.get("top_p")), seed=int(o.get("seed", 0)),
-              progress=True)
-    if meta["kind"] == "maskgit":
-        kw["steps"] = int(o.get("steps", 8))
+    kw = sampling_options(o, meta)
     t = time.perf_counter()
     codes = net.generate(conds, **kw)
     images = (tokenizer.decode(codes).clamp(-1, 1) + 1) / 2

@@ -118,7 +118,8 @@ def metric_name(metric: str, protocol: dict) -> str:
     """e.g. ``eval/rfid@domain-1a2b3c-n256`` or ``eval/fid@inception-v3-compat-n10000-cfg3.0-steps8``."""
     parts = [protocol["feature_extractor"], f"n{protocol['n']}"]
     if protocol.get("cfg_scale") is not None:
-        parts.append(f"cfg{protocol['cfg_scale']}")
+        ramp = "lin" if protocol.get("cfg_schedule", "constant") == "linear" else ""
+        parts.append(f"cfg{protocol['cfg_scale']}{ramp}")
     if protocol.get("steps"):
         parts.append(f"steps{protocol['steps']}")
     return f"eval/{metric}@{'-'.join(parts)}"
@@ -163,7 +164,8 @@ def evaluate_generator(model, tokenizer, cfg: EvalConfig, sampling: dict, weight
     model.train(was_training)
     images = torch.cat(images)
     protocol = _protocol(cfg, len(ref), ref, task="text-to-image", weights=weights, sampler=model.kind,
-                         cfg_scale=sampling.get("cfg_scale"), steps=sampling.get("steps"),
+                         cfg_scale=sampling.get("cfg_scale"), cfg_schedule=sampling.get("cfg_schedule", "constant"),
+                         steps=sampling.get("steps"),
                          temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k"),
                          top_p=sampling.get("top_p"))
     return {"metrics": fidelity(images, ref, cfg, _cache_key(protocol)), "protocol": protocol}

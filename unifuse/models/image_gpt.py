@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from unifuse.models.sampling import row_generators, sample_logits
+from unifuse.models.sampling import guidance_scale, row_generators, sample_logits
 from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer
 from unifuse.text.vocab import VocabLayout
@@ -133,11 +133,13 @@ class ImageGPT(TokenImageModel):
     @torch.no_grad()
     def generate(self, conds: list, cfg_scale: float | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
-                 use_cache: bool = True, progress: bool = False, return_logits: bool = False):
+                 use_cache: bool = True, progress: bool = False, return_logits: bool = False,
+                 cfg_schedule: str = "constant"):
         """Sample h*w codes per condition -> (B, h, w) code indices (and per-step logits).
 
         ``cfg_scale`` None: plain conditional sampling; a number: cond and uncond rows run as one
-        batch and logits = uncond + s * (cond - uncond). Logits are restricted to the image codes."""
+        batch and logits = uncond + s * (cond - uncond), with s constant or ramped over the tokens
+        (``cfg_schedule``, see :func:`guidance_scale`). Logits are restricted to the image codes."""
         dev = self.net.tok_emb.weight.device
         b = len(conds)
         rows = list(conds) + ([None] * b if cfg_scale is not None else [])
@@ -154,7 +156,8 @@ class ImageGPT(TokenImageModel):
         for i in tqdm(range(n), desc="sampling", unit="tok", disable=not progress):
             if not use_cache:  # the naive loop: rerun the whole prefix for every token
                 h = self.net.forward_hidden(self.net.tok_emb(seq), pos, doc_id=docs if doc is not None else None)
-            logits = self.guide(self.image_logits(self.net.lm_head(h[:, -1])).float(), cfg_scale)
+            scale = guidance_scale(cfg_scale, cfg_schedule, (i + 1) / n)
+            logits = self.guide(self.image_logits(self.net.lm_head(h[:, -1])).float(), scale)
             if return_logits:
                 kept.append(logits)
             tok = sample_logits(logits, temperature, top_k, top_p, gen)

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from unifuse.models.image_gpt import TokenImageModel
-from unifuse.models.sampling import row_generators, sample_logits
+from unifuse.models.sampling import guidance_scale, row_generators, sample_logits
 
 
 def cosine_schedule(r: torch.Tensor | float):
@@ -65,7 +65,7 @@ class MaskGIT(TokenImageModel):
     def generate(self, conds: list, steps: int = 8, cfg_scale: float | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, noise: float = 4.5,
                  seed: int | list[int] | None = None, use_cache: bool = True, progress: bool = False,
-                 return_trace: bool = False):
+                 return_trace: bool = False, cfg_schedule: str = "constant"):
         """K = ``steps`` forward passes -> (B, h, w) codes. ``noise``: initial Gumbel temperature of
         the confidence ranking (annealed linearly to 0). ``return_trace``: also the step at which
         each position was decoded (B, N). ``use_cache``: run the caption once and only the image
@@ -93,7 +93,7 @@ class MaskGIT(TokenImageModel):
                 logits = self.image_logits(self.net.lm_head(h))
             else:
                 logits = self.image_forward(inp, rows)
-            logits = self.guide(logits.float(), cfg_scale)
+            logits = self.guide(logits.float(), guidance_scale(cfg_scale, cfg_schedule, (k + 1) / steps))
             flat = logits.reshape(b * n, -1)
             sampled = sample_logits(flat, temperature, top_k, top_p, gens).view(b, n)  # gen r draws row r's n
             probs = flat.softmax(-1).gather(1, sampled.view(-1, 1)).view(b, n)

@@ -28,6 +28,10 @@ class QuantizerConfig:
     dead_code_threshold: float = 0.0  # restart codes whose EMA usage count falls below this (0: off)
     usage_decay: float = 0.99  # decay of the per-code usage EMA that drives restarts
     restart_every: int = 1  # check for dead codes every N training steps
+    # where restarted codes go: "spread" draws encoder outputs with probability ~ squared distance to
+    # the nearest live code (k-means++ seeding), so a dominant mode such as a plain background is not
+    # split over many near-duplicate codes; "uniform" draws any recent encoder output
+    restart_sampling: str = "spread"
 
 
 def _dist_on() -> bool:
@@ -156,7 +160,7 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
-        idx = torch.randint(0, z.shape[0], (n_dead,), device=z.device)
+        idx = self._restart_points(z, dead, n_dead)
         new = z[idx] + 1e-3 * torch.randn_like(z[idx]) * (z.std() if z.shape[0] > 1 else 1.0)
         if self.cfg.l2_norm:
             new = F.normalize(new, dim=1)
@@ -168,6 +172,18 @@ class VectorQuantizer(nn.Module):
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = new
         return n_dead
+
+    def _restart_points(self, z: torch.Tensor, dead: torch.Tensor, n: int) -> torch.Tensor:
+        """Indices of the ``n`` encoder outputs that restart the dead codes (see restart_sampling)."""
+        mode = self.cfg.restart_sampling
+        if mode not in ("spread", "uniform"):
+            raise ValueError(f"restart_sampling must be 'spread' or 'uniform', not {mode!r}")
+        if mode == "spread" and not bool(dead.all()):
+            live = self.embedding[~dead]
+            d2 = (z - live[nearest_code(z, live)]).pow(2).sum(1)
+            if float(d2.sum()) > 0:  # weights ~ distance^2 to the nearest live code (k-means++)
+                return torch.multinomial(d2, n, replacement=True)
+        return torch.randint(0, z.shape[0], (n,), device=z.device)
 
     def usage_stats(self, split: str = "train", reset: bool = True) -> dict[str, float]:
         """Fraction of codes used and codebook perplexity since the last reset, over all ranks.

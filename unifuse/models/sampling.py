@@ -52,6 +52,18 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return (probs / exponentials(tuple(probs.shape), generator, probs.device)).argmax(-1)
 
 
+def guidance_scale(scale: float | None, schedule: str, progress: float) -> float | None:
+    """Classifier-free guidance scale at ``progress`` in (0, 1] of decoding (token i of n: (i+1)/n;
+    MaskGIT step k of K: (k+1)/K). ``constant``: ``scale`` throughout. ``linear``: ramps from 1
+    (plain conditional) to ``scale``, so the first tokens, which fix the layout, are not pushed off
+    the data manifold (MUSE's schedule)."""
+    if scale is None or schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * progress
+    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', not {schedule!r}")
+
+
 def row_generators(seed: int | list[int] | None, rows: int, device) -> list[torch.Generator] | None:
     """One generator per row: row r of a batch seeded with s uses seed s + r, so prompt r sampled
     alone with seed s + r gives the same tokens as in the batch. A list gives each row's seed."""

@@ -33,6 +33,7 @@ class TransformerConfig:
     rope_2d: bool = False  # (row, col) rotary angles for positions given as pairs
     qk_norm: bool = False
     norm_eps: float = 1e-5
+    dropout: float = 0.0  # on each residual branch's output while training (small-data regularizer)
     grad_checkpointing: bool = False
     attn_impl: str = "auto"  # auto (flex on CUDA, dense SDPA on CPU) | dense | flex
 
@@ -183,10 +184,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, angles, spec, cache, layer, span):
-        x = x + self.attn(self.attn_norm(x), angles, spec, cache, layer, span)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), angles, spec, cache, layer, span))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
