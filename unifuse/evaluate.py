@@ -62,8 +62,9 @@ def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
         tok = load_vqvae(opts.get("tokenizer") or meta["config"]["tokenizer_ckpt"], device).to(device)
         sampling = dict(meta["config"].get("sampling") or {})
         for k in ("cfg_scale", "cfg_schedule", "steps", "temperature", "top_k", "top_p"):
-            if k in opts:
-                sampling[k] = opts[k]
+            if k in opts:  # real-valued settings as floats, so cfg_scale=3 names its metric cfg3.0 as training does
+                v = opts[k]
+                sampling[k] = float(v) if k in ("cfg_scale", "temperature", "top_p") and v is not None else v
         if kind == "ar_gpt":
             sampling.pop("steps", None)
         result = evaluate_generator(net.to(device), tok, cfg, sampling)
