@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from unifuse.cli import parse_kv
-from unifuse.eval.fidelity import EvalConfig, evaluate_generator, evaluate_tokenizer, metric_name
+from unifuse.eval.fidelity import EvalConfig, evaluate_generator, evaluate_tokenizer, metric_name, protocol_parts
 
 
 def _parse(argv: list[str]) -> dict:
@@ -56,28 +56,19 @@ def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
         result = evaluate_tokenizer(load_vqvae(ckpt_path, device).to(device), cfg)
     elif kind in ("ar_gpt", "maskgit"):
         from unifuse.models.vqvae import load_vqvae
-        from unifuse.sample import load_generator
+        from unifuse.sample import load_generator, merge_sampling
 
         net, meta = load_generator(ckpt_path, device)
         tok = load_vqvae(opts.get("tokenizer") or meta["config"]["tokenizer_ckpt"], device).to(device)
-        sampling = dict(meta["config"].get("sampling") or {})
-        for k in ("cfg_scale", "cfg_schedule", "steps", "temperature", "top_k", "top_p"):
-            if k in opts:  # real-valued settings as floats, so cfg_scale=3 names its metric cfg3.0 as training does
-                v = opts[k]
-                sampling[k] = float(v) if k in ("cfg_scale", "temperature", "top_p") and v is not None else v
-        if kind == "ar_gpt":
-            sampling.pop("steps", None)
+        # cast like the sampling CLI: cfg_scale=3 names its metric cfg3.0, as training does
+        sampling = merge_sampling(dict(meta["config"].get("sampling") or {}), opts, kind)
         result = evaluate_generator(net.to(device), tok, cfg, sampling)
     else:
         raise SystemExit(f"{ckpt_path}: unknown checkpoint kind {kind!r}")
     result = {"checkpoint": str(ckpt_path), "kind": kind, "epoch": ck.get("epoch"), "step": ck.get("global_step"),
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}
-    p = result["protocol"]
-    slug = f"{p['feature_extractor']}_n{p['n']}"
-    slug += f"_cfg{p['cfg_scale']}" if p.get("cfg_scale") is not None else ""
-    slug += "lin" if p.get("cfg_scale") is not None and p.get("cfg_schedule") == "linear" else ""
-    slug += f"_steps{p['steps']}" if p.get("steps") else ""
+    slug = "_".join(protocol_parts(result["protocol"]))
     out = Path(opts.get("out") or ckpt_path.parent / f"eval_{ckpt_path.stem}_{slug}.json")
     out.write_text(json.dumps(result, indent=2))
     result["json"] = str(out)

@@ -49,22 +49,35 @@ def _parse(argv: list[str]) -> dict:
     return parse_kv(argv, __doc__)
 
 
-def _num(v: str | None, cast=float):
-    return None if v is None or v.lower() in ("none", "null", "") else cast(v)
+def _num(v, cast=float):
+    if v is None or (isinstance(v, str) and v.lower() in ("none", "null", "")):
+        return None
+    return cast(v)
+
+
+SAMPLING_CASTS = {"cfg_scale": _num, "cfg_schedule": str, "temperature": float, "top_k": lambda v: _num(v, int),
+                  "top_p": _num, "seed": int, "steps": int}
+
+
+def merge_sampling(stored: dict, opts: dict, kind: str) -> dict:
+    """Sampling settings: ``stored`` (the checkpoint's ``model.sampling``) overridden by the sampling
+    keys of ``opts`` (command-line strings or values), cast to their types; the AR GPT has no steps."""
+    kw = dict(stored)
+    for k, cast in SAMPLING_CASTS.items():
+        if k in opts:
+            kw[k] = cast(opts[k])
+    if kind != "maskgit":
+        kw.pop("steps", None)
+    return kw
 
 
 def sampling_options(o: dict, meta: dict) -> dict:
-    """generate() keywords: the checkpoint's stored sampling settings, overridden by the command line."""
-    kw = {"cfg_scale": 3.0, "temperature": 1.0, "seed": 0, **(meta["config"].get("sampling") or {})}
-    parse = {"cfg_scale": _num, "temperature": float, "top_k": lambda v: _num(v, int), "top_p": _num,
-             "seed": int, "steps": int, "cfg_schedule": str}
-    for k, cast in parse.items():
-        if k in o:
-            kw[k] = cast(o[k])
+    """generate() keywords for the CLI: the checkpoint's stored sampling settings (else cfg 3.0,
+    temperature 1.0, seed 0, MaskGIT steps 8), overridden by the command line."""
+    stored = {"cfg_scale": 3.0, "temperature": 1.0, "seed": 0, **(meta["config"].get("sampling") or {})}
+    kw = merge_sampling(stored, o, meta["kind"])
     if meta["kind"] == "maskgit":
         kw.setdefault("steps", 8)
-    else:
-        kw.pop("steps", None)
     return {**kw, "progress": True}
 
 

@@ -114,15 +114,20 @@ def _cache_key(protocol: dict) -> str:
     return f"{protocol['reference']}-r{protocol['resolution']}-n{protocol['n']}-{protocol['feature_extractor']}"
 
 
-def metric_name(metric: str, protocol: dict) -> str:
-    """e.g. ``eval/rfid@domain-1a2b3c-n256`` or ``eval/fid@inception-v3-compat-n10000-cfg3.0-steps8``."""
+def protocol_parts(protocol: dict) -> list[str]:
+    """What names a result: extractor, n, and for generators guidance (``lin``: linear ramp) and steps."""
     parts = [protocol["feature_extractor"], f"n{protocol['n']}"]
     if protocol.get("cfg_scale") is not None:
         ramp = "lin" if protocol.get("cfg_schedule", "constant") == "linear" else ""
         parts.append(f"cfg{protocol['cfg_scale']}{ramp}")
     if protocol.get("steps"):
         parts.append(f"steps{protocol['steps']}")
-    return f"eval/{metric}@{'-'.join(parts)}"
+    return parts
+
+
+def metric_name(metric: str, protocol: dict) -> str:
+    """e.g. ``eval/rfid@domain-1a2b3c-n256`` or ``eval/fid@inception-v3-compat-n10000-cfg3.0-steps8``."""
+    return f"eval/{metric}@{'-'.join(protocol_parts(protocol))}"
 
 
 @torch.no_grad()

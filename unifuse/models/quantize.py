@@ -67,6 +67,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
+        if cfg.restart_sampling not in ("spread", "uniform"):
+            raise ValueError(f"restart_sampling must be 'spread' or 'uniform', not {cfg.restart_sampling!r}")
         self.cfg = cfg
         k, d = cfg.codebook_size, cfg.code_dim
         init = torch.randn(k, d)
@@ -175,10 +177,7 @@ class VectorQuantizer(nn.Module):
 
     def _restart_points(self, z: torch.Tensor, dead: torch.Tensor, n: int) -> torch.Tensor:
         """Indices of the ``n`` encoder outputs that restart the dead codes (see restart_sampling)."""
-        mode = self.cfg.restart_sampling
-        if mode not in ("spread", "uniform"):
-            raise ValueError(f"restart_sampling must be 'spread' or 'uniform', not {mode!r}")
-        if mode == "spread" and not bool(dead.all()):
+        if self.cfg.restart_sampling == "spread" and not bool(dead.all()):
             live = self.embedding[~dead]
             d2 = (z - live[nearest_code(z, live)]).pow(2).sum(1)
             if float(d2.sum()) > 0:  # weights ~ distance^2 to the nearest live code (k-means++)
