@@ -66,16 +66,22 @@ def test_sampling_cli_writes_a_grid(tiny_codes, tiny_tokenizer, tmp_path):
 
 
 def test_sampling_cli_defaults_to_the_checkpoint_sampling_settings():
-    from unifuse.sample import sampling_options
+    from unifuse.config import SamplingOverrides, compose_app, given
+    from unifuse.models.image_gpt import ImageGPT
+    from unifuse.models.maskgit import MaskGIT
+    from unifuse.models.transformer import TransformerConfig
+    from unifuse.pipeline import TokenImagePipeline
+    from unifuse.text.vocab import VocabLayout
 
     stored = {"cfg_scale": 1.5, "temperature": 0.8, "top_k": None, "top_p": 0.95, "seed": 0, "steps": 12}
-    ar = sampling_options({"temperature": "1.0", "top_k": "50"}, {"kind": "ar_gpt", "config": {"sampling": stored}})
-    assert ar == {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 0, "progress": True}
-    mg = sampling_options({"cfg_scale": "none", "cfg_schedule": "linear"},
-                          {"kind": "maskgit", "config": {"sampling": stored}})
+    tiny = dict(transformer=TransformerConfig(dim=16, n_layers=1, n_heads=2), vocab=VocabLayout(image_codes=8), grid=2)
+    cli = given(compose_app("sample", ["ckpt=x", "temperature=1.0", "top_k=50"]), SamplingOverrides)
+    assert cli == {"temperature": 1.0, "top_k": 50}  # only what the command line sets
+    ar = TokenImagePipeline(ImageGPT(**tiny), object(), sampling=stored).settings(**cli)
+    assert ar == {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 0}  # no steps
+    cli = given(compose_app("sample", ["ckpt=x", "cfg_scale=null", "cfg_schedule=linear"]), SamplingOverrides)
+    mg = TokenImagePipeline(MaskGIT(**tiny), object(), sampling=stored).settings(**cli)
     assert mg["cfg_scale"] is None and mg["steps"] == 12 and mg["cfg_schedule"] == "linear"
-    bare = sampling_options({}, {"kind": "maskgit", "config": {}})  # older checkpoints store no settings
-    assert (bare["cfg_scale"], bare["temperature"], bare["steps"]) == (3.0, 1.0, 8)
 
 
 def test_ddp_two_processes_ar_gpt(tiny_codes, tiny_tokenizer, tmp_path):

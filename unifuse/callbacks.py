@@ -265,14 +265,17 @@ class FidelityEval(L.Callback):
             return
         if not trainer.is_global_zero:
             return
-        from unifuse.eval.fidelity import evaluate_generator, evaluate_tokenizer, metric_name
+        from unifuse.checkpoint import get_kind
+        from unifuse.eval.fidelity import EVALUATORS, metric_name
 
-        if pl_module.kind == "vqvae":
-            result = evaluate_tokenizer(pl_module.net, self.cfg)
-        elif getattr(pl_module, "tokenizer", None) is not None:
-            result = evaluate_generator(pl_module.net, pl_module.tokenizer, self.cfg, pl_module.sampling)
-        else:
-            return
+        kind = get_kind(pl_module.kind)
+        if kind.pipeline is None:  # autoencoders: reconstructions of the reference images
+            result = EVALUATORS[kind.task](pl_module.net, self.cfg)
+        else:  # generators: samples through the same pipeline the sampling CLI uses
+            pipeline = pl_module.pipeline()
+            if pipeline is None:
+                return
+            result = EVALUATORS[kind.task](pipeline, self.cfg)
         self.last = result
         metrics = {metric_name(k, result["protocol"]) if k not in ("psnr", "ssim", "kid_std") else f"eval/{k}": v
                    for k, v in result["metrics"].items()}

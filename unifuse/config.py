@@ -9,16 +9,20 @@ modules real dataclass instances.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from unifuse.eval.protocol import OnlineEvalConfig
 from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.quantize import QuantizerConfig
+from unifuse.models.sampling import SamplingConfig
 from unifuse.models.transformer import TransformerConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -52,15 +56,53 @@ def run_id() -> str:
     return _RUN_ID
 
 
+def wandb_logged_in() -> bool:
+    """``wandb login`` stored credentials for the W&B host in the netrc file (``NETRC`` or ~/.netrc)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def wandb_offline() -> bool:
-    """Offline unless the user asked for online W&B (WANDB_MODE=online, or an API key without
-    WANDB_MODE=offline). With no network, online mode retries ~105 s before failing."""
+    """Offline unless the user asked for online W&B: WANDB_MODE=online, an API key (WANDB_API_KEY)
+    or `wandb login` credentials, without WANDB_MODE=offline. With no network, online mode
+    retries ~105 s before failing, so offline is the default for everyone else."""
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun"):
         return True
     if mode == "online":
         return False
-    return not os.environ.get("WANDB_API_KEY")
+    return not (os.environ.get("WANDB_API_KEY") or wandb_logged_in())
+
+
+WANDB_RUN_FILE = "wandb_run.json"
+_WANDB_RUNS: dict[tuple, dict] = {}
+
+
+def wandb_run(field_name: str, ckpt_path: str | None = None, task_name: str = "train",
+              output_dir: str = "") -> str:
+    """The W&B run id / name of the training run writing to ``output_dir``. Resuming (``ckpt_path``
+    inside a run directory that recorded its W&B run) continues that W&B run; otherwise a new id,
+    and a name carrying the task name and the run id so runs of one preset are told apart. Each
+    job of an in-process sweep has its own output_dir, hence its own W&B run."""
+    key = (str(output_dir), str(ckpt_path))
+    if key not in _WANDB_RUNS:
+        stored = None
+        if ckpt_path and str(ckpt_path) not in ("None", "null"):
+            rec = Path(ckpt_path).expanduser().resolve().parent.parent / WANDB_RUN_FILE
+            if rec.is_file():
+                stored = json.loads(rec.read_text())
+        parts = Path(str(output_dir)).parts
+        cut = max((i for i, p in enumerate(parts) if p in ("runs", "multiruns")), default=None)
+        rid = "/".join(parts[cut + 1:]) if cut is not None and cut + 1 < len(parts) else run_id()
+        _WANDB_RUNS[key] = stored or {"id": secrets.token_hex(4), "name": f"{task_name}/{rid}"}
+    return _WANDB_RUNS[key][field_name]
 
 
 def latest_checkpoint(log_dir: str, task_name: str) -> str:
@@ -96,16 +138,94 @@ def ckpt_tag(path: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+# ----------------------------------------------------------------------------- the CLI apps' schemas
+# Sampling and evaluation fields left at ??? (MISSING) take the value stored in the checkpoint; a
+# value given on the command line overrides it (``cfg_scale=null``: no guidance).
+@dataclass
+class SamplingOverrides:
+    cfg_scale: float | None = MISSING
+    cfg_schedule: str = MISSING
+    temperature: float = MISSING
+    top_k: int | None = MISSING
+    top_p: float | None = MISSING
+    steps: int | None = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class SampleApp(SamplingOverrides):
+    """``python -m unifuse.sample``."""
+
+    ckpt: str = MISSING  # checkpoint (.ckpt) or export directory
+    prompt: str | None = None  # several prompts: "a|b"; required unless uncond=true
+    uncond: bool = False  # with prompt='': unconditional samples
+    n: int = 16  # samples per prompt
+    out: str | None = None  # PNG path; default <run>/samples/...
+    tokenizer: str | None = None  # image tokenizer to decode with; default: the one the checkpoint carries
+    device: str = "cpu"
+
+
+@dataclass
+class EvaluateApp(SamplingOverrides):
+    """``python -m unifuse.evaluate``: evaluation fields default to the protocol stored by training."""
+
+    ckpt: str = MISSING
+    extractor: str = MISSING  # domain | inception
+    domain_weights: str | None = MISSING
+    inception_weights: str | None = MISSING
+    reference: str | None = MISSING
+    reference_name: str = MISSING
+    n: int = MISSING
+    metrics: list[str] = MISSING
+    batch_size: int = MISSING
+    cache_dir: str | None = MISSING
+    tokenizer: str | None = None
+    out: str | None = None  # JSON path; default next to the checkpoint
+    device: str = "cpu"
+
+
+@dataclass
+class ExportApp:
+    """``python -m unifuse.export``."""
+
+    ckpt: str = MISSING
+    out: str = MISSING
+
+
+def given(cfg: DictConfig, schema: type) -> dict:
+    """The fields of ``schema`` that ``cfg`` sets (not left at ???), as plain values."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return {f.name: values[f.name] for f in fields(schema) if not OmegaConf.is_missing(cfg, f.name)}
+
+
+def compose_app(name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with ``overrides`` in-process, as the CLI would (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("unifuse.run_id"):
         OmegaConf.register_new_resolver("unifuse.run_id", run_id)
         OmegaConf.register_new_resolver("unifuse.wandb_offline", wandb_offline)
         OmegaConf.register_new_resolver("unifuse.latest_ckpt", latest_checkpoint, use_cache=True)
         OmegaConf.register_new_resolver("unifuse.ckpt_tag", ckpt_tag, use_cache=True)
+        OmegaConf.register_new_resolver("unifuse.wandb_run", wandb_run)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="autoencoder", node=AutoencoderConfig)
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)
     cs.store(group="schema", name="transformer", node=TransformerConfig)
+    cs.store(group="schema", name="sampling", node=SamplingConfig)
+    cs.store(group="schema", name="eval", node=OnlineEvalConfig)
+    cs.store(name="sample_schema", node=SampleApp)
+    cs.store(name="evaluate_schema", node=EvaluateApp)
+    cs.store(name="export_schema", node=ExportApp)
 
 
 register()

@@ -1,99 +1,171 @@
 """``python -m unifuse.evaluate ckpt=<path> [n=256 extractor=domain cfg_scale=3 steps=8 seed=0 ...]``
 
-Loads any paradigm's checkpoint (vqvae: reconstruction FID + PSNR/SSIM; ar_gpt / maskgit:
-text-to-image FID/KID from the reference split's captions), computes the metrics with the
-protocol stored in the checkpoint by the training run (overridable here), and writes a JSON result
-next to the checkpoint. ``python -m unifuse.evaluate build-extractor shards=<train shards> out=<file>``
-trains the domain feature extractor.
+A Hydra app (``conf/evaluate.yaml``, typed by ``unifuse.config.EvaluateApp``; a misspelled key fails
+naming it). Loads any checkpoint kind through the registry (``unifuse.checkpoint``): autoencoders
+get reconstruction FID + PSNR/SSIM, generators text-to-image FID/KID from the reference split's
+captions. The protocol and sampling settings stored by the training run are the defaults, so the
+logged online number is reproduced; any field can be overridden. The result is a JSON next to the
+checkpoint (or ``out=``), named by its protocol.
 
-Options (key=value): ckpt, n, extractor (domain|inception), domain_weights, inception_weights,
-reference (image shards), reference_name, seed, batch_size, cfg_scale ('none': no guidance), cfg_schedule, steps,
-temperature, top_k, top_p, tokenizer, out, device.
+Sweeps: ``python -m unifuse.evaluate -m ckpt=... cfg_scale=1,1.5,3`` runs one job per value, each
+writing its JSON, and ends with a summary table (``summary.md``, ``summary.csv`` in the sweep dir).
+
+``python -m unifuse.evaluate build-extractor shards=<train shards> out=<file.pt> [epochs=6]`` trains
+the domain feature extractor.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
+import hydra
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
-from unifuse.cli import parse_kv
-from unifuse.eval.fidelity import EvalConfig, evaluate_generator, evaluate_tokenizer, metric_name, protocol_parts
-
-
-def _parse(argv: list[str]) -> dict:
-    return parse_kv(argv, __doc__)
-
-
-def _value(v: str):
-    if v.lower() in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+from unifuse import config as _config
+from unifuse.config import SamplingOverrides, given
+from unifuse.eval.protocol import EvalConfig
 
 
-def evaluate_checkpoint(ckpt_path: str | Path, **opts) -> dict:
-    ckpt_path = Path(ckpt_path)
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    meta = ck.get("unifuse") or {}
-    kind = meta.get("kind")
-    stored = dict(ck.get("unifuse_eval") or {})
+def evaluate_checkpoint(ckpt_path: str | Path, tokenizer: str | None = None, device: str = "cpu",
+                        out: str | None = None, **overrides) -> dict:
+    """Evaluate one checkpoint: ``overrides`` are EvalConfig fields and sampling settings."""
+    from unifuse.checkpoint import get_kind, load_net, load_pipeline, read_checkpoint
+    from unifuse.eval.fidelity import EVALUATORS, metric_name, protocol_parts
+
+    unknown = set(overrides) - {f.name for f in fields(EvalConfig)} - {f.name for f in fields(SamplingOverrides)}
+    if unknown:
+        raise ValueError(f"unknown evaluation settings: {sorted(unknown)}")
+    ck = read_checkpoint(ckpt_path, device)
+    kind = get_kind(ck.kind)
     names = {f.name for f in fields(EvalConfig)}
-    cfg = EvalConfig(**{**stored, **{k: v for k, v in opts.items() if k in names}})
+    cfg = EvalConfig(**{**{k: v for k, v in ck.eval.items() if k in names},
+                        **{k: v for k, v in overrides.items() if k in names}})
     if cfg.reference is None:
-        raise SystemExit("no reference set: pass reference=<image shards of the val split>")
-    device = opts.get("device", "cpu")
-    if kind == "vqvae":
-        from unifuse.models.vqvae import load_vqvae
-
-        result = evaluate_tokenizer(load_vqvae(ckpt_path, device).to(device), cfg)
-    elif kind in ("ar_gpt", "maskgit"):
-        from unifuse.models.vqvae import load_vqvae
-        from unifuse.sample import load_generator, merge_sampling
-
-        net, meta = load_generator(ckpt_path, device)
-        tok = load_vqvae(opts.get("tokenizer") or meta["config"]["tokenizer_ckpt"], device).to(device)
-        # cast like the sampling CLI: cfg_scale=3 names its metric cfg3.0, as training does
-        sampling = merge_sampling(dict(meta["config"].get("sampling") or {}), opts, kind)
-        result = evaluate_generator(net.to(device), tok, cfg, sampling)
+        raise ValueError("no reference set: pass reference=<image shards of the val split>")
+    sampling = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SamplingOverrides)}}
+    if kind.pipeline is None:
+        result = EVALUATORS[kind.task](load_net(ck, device), cfg)
     else:
-        raise SystemExit(f"{ckpt_path}: unknown checkpoint kind {kind!r}")
-    result = {"checkpoint": str(ckpt_path), "kind": kind, "epoch": ck.get("epoch"), "step": ck.get("global_step"),
+        pipe, _ = load_pipeline(ck.path, tokenizer, device)
+        result = EVALUATORS[kind.task](pipe, cfg, **sampling)
+    result = {"checkpoint": str(ck.path), "kind": ck.kind, "epoch": ck.epoch, "step": ck.step,
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}
     slug = "_".join(protocol_parts(result["protocol"]))
-    out = Path(opts.get("out") or ckpt_path.parent / f"eval_{ckpt_path.stem}_{slug}.json")
-    out.write_text(json.dumps(result, indent=2))
-    result["json"] = str(out)
+    base = ck.path if ck.path.is_dir() else ck.path.parent
+    path = Path(out) if out else base / f"eval_{ck.path.stem}_{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    result["json"] = str(path)
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "build-extractor":
-        from unifuse.eval.extractors import train_domain_extractor
-
-        o = _parse(argv[1:])
-        if "shards" not in o or "out" not in o:
-            raise SystemExit("build-extractor needs shards=<train image shards> out=<file.pt>")
-        info = train_domain_extractor(o["shards"], o["out"], epochs=int(o.get("epochs", 6)))
-        print(json.dumps(info))
-        return info
-    o = {k: _value(v) if k not in ("ckpt", "out", "tokenizer", "reference", "domain_weights",
-                                   "inception_weights", "reference_name", "device", "extractor") else v
-         for k, v in _parse(argv).items()}
-    if "ckpt" not in o:
-        raise SystemExit(f"ckpt=<path> is required\n\n{__doc__}")
-    result = evaluate_checkpoint(o.pop("ckpt"), **o)
+def run(cfg: DictConfig) -> dict:
+    opts = {**given(cfg, _config.EvaluateApp)}
+    ckpt = opts.pop("ckpt", None)
+    if ckpt is None:
+        raise ValueError("ckpt=<checkpoint or export directory> is required")
+    for key in ("tokenizer", "device", "out"):
+        opts.pop(key, None)
+    result = evaluate_checkpoint(ckpt, tokenizer=cfg.tokenizer, device=cfg.device, out=cfg.out, **opts)
     print(json.dumps({k: result[k] for k in ("metrics", "protocol", "json")}, indent=2))
+    _record_sweep_job(result)
     return result
+
+
+def _record_sweep_job(result: dict) -> None:
+    """In a sweep, each job also leaves its result in its own directory for the summary table."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "result.json").write_text(json.dumps({**result, "overrides": list(hc.overrides.task)}, indent=2))
+
+
+def summary_table(sweep_dir: str | Path) -> list[dict]:
+    """One row per sweep job: its overrides and metrics (by protocol-carrying metric name)."""
+    rows = []
+    jobs = sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
+                  else 1 << 30)
+    for path in jobs:
+        r = json.loads(path.read_text())
+        row = {"job": path.parent.name, "overrides": " ".join(r.get("overrides", []))}
+        row.update({r["metric_names"].get(k, k): round(v, 4) for k, v in r["metrics"].items()})
+        row["json"] = r["json"]
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep_dir: str | Path) -> Path | None:
+    rows = summary_table(sweep_dir)
+    if not rows:
+        return None
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "json")) + ["json"]
+    sweep_dir = Path(sweep_dir)
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    shown = [c for c in cols if c != "json"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in shown) + " |" for r in rows]
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"summary: {sweep_dir / 'summary.md'} and summary.csv")
+    return sweep_dir / "summary.md"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a ``-m`` sweep, the table of every job's metrics."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        write_summary(config.hydra.sweep.dir)
+
+
+def build_extractor(argv: list[str]) -> dict:
+    import argparse
+
+    from unifuse.eval.extractors import train_domain_extractor
+
+    p = argparse.ArgumentParser(prog="python -m unifuse.evaluate build-extractor")
+    p.add_argument("--shards", required=True, help="labelled training image shards")
+    p.add_argument("--out", required=True, help="weights file to write (.pt)")
+    p.add_argument("--epochs", type=int, default=6)
+    args = [x for a in argv for x in (("--" + a.split("=", 1)[0], a.split("=", 1)[1]) if "=" in a
+                                      and not a.startswith("-") else (a,))]
+    a = p.parse_args(args)
+    info = train_domain_extractor(a.shards, a.out, epochs=a.epochs)
+    print(json.dumps(info))
+    return info
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def _app(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+        sys.exit(f"error: {e}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """The CLI; with ``argv`` (a list of overrides) composes the same config in-process and returns
+    the result (tests, notebooks)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "build-extractor":
+        return build_extractor(args[1:])
+    if argv is None:
+        _app()
+        return None
+    return run(_config.compose_app("evaluate", argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The child exits, taking its process group and variables with it; the next job st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -92,6 +93,14 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None and trainer.is_global_zero:  # what a resume needs to continue this W&B run
+        from unifuse.config import WANDB_RUN_FILE
+
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(cfg.paths.output_dir, WANDB_RUN_FILE).write_text(
+            json.dumps({"id": wandb_cfg.get("id"), "name": wandb_cfg.get("name")}))
 
     if loggers:
         hparams = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]

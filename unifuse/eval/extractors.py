@@ -166,10 +166,12 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_
     """Train the domain classifier on labelled training shards and save it (weights only)."""
     from unifuse.data.samples import DecodeConfig
     from unifuse.data.stream import iter_decoded
+    from unifuse.progress import progress
 
     torch.manual_seed(seed)
     stats, images, labels = Counter(), [], []
-    for s in iter_decoded(shards, DecodeConfig(image_size=32, require_image=True), stats):
+    decoded = iter_decoded(shards, DecodeConfig(image_size=32, require_image=True), stats)
+    for s in progress(decoded, total=max_samples, desc="domain extractor: read images", unit="img"):
         lab = label_of(s)
         if lab is None:
             stats["unlabelled"] += 1
@@ -190,7 +192,7 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
     net.train()
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc=f"domain extractor: train on {len(x)} images", unit="epoch", every_s=5):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = perm[i : i + batch_size]

@@ -10,9 +10,11 @@ reference set (first n images of the named split, in shard order), resolution, f
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,10 @@ import torch_fidelity
 from torch.utils.data import Dataset
 
 from unifuse.eval.extractors import DOMAIN, INCEPTION, file_hash, inception_weights
+from unifuse.eval.protocol import EvalConfig  # noqa: F401  (the settings' home; re-exported)
+from unifuse.progress import interactive, progress
 
-
-@dataclass
-class EvalConfig:
-    extractor: str = "domain"  # domain | inception
-    domain_weights: str | None = None
-    inception_weights: str | None = None
-    reference: str | None = None  # image shards of the reference split (e.g. data/emoji32/val)
-    reference_name: str = "val"
-    n: int = 256
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])
-    batch_size: int = 128
-    cache_dir: str | None = None
-    seed: int = 0
+log = logging.getLogger("unifuse.eval")
 
 
 class _Images(Dataset):
@@ -88,12 +80,15 @@ def fidelity(images: torch.Tensor, reference: torch.Tensor, cfg: EvalConfig, cac
     kw = dict(input1=_Images(images), input2=_Images(reference), cuda=torch.cuda.is_available(),
               batch_size=cfg.batch_size, fid="fid" in cfg.metrics, kid="kid" in cfg.metrics,
               isc="isc" in cfg.metrics, feature_extractor=name, feature_extractor_weights_path=weights,
-              kid_subset_size=min(1000, n), kid_subsets=100, verbose=False, samples_shuffle=False,
+              kid_subset_size=min(1000, n), kid_subsets=100, verbose=interactive(), samples_shuffle=False,
               rng_seed=cfg.seed, cache=bool(cache_key and cfg.cache_dir),
               save_cpu_ram=True)  # in-memory tensors: no loader workers needed
     if kw["cache"]:
         kw.update(cache_root=cfg.cache_dir, input2_cache_name=cache_key)
+    t = time.perf_counter()
+    log.info("features of %d + %d images with %s (%s)...", len(images), len(reference), name, ", ".join(cfg.metrics))
     m = torch_fidelity.calculate_metrics(**kw)
+    log.info("features and metrics in %.1fs", time.perf_counter() - t)
     out = {}
     if "fid" in cfg.metrics:
         out["fid"] = float(m["frechet_inception_distance"])
@@ -140,7 +135,8 @@ def evaluate_tokenizer(net, cfg: EvalConfig, weights: str = "raw") -> dict:
     net.eval()
     dev = next(net.parameters()).device
     recon = []
-    for i in range(0, len(ref), cfg.batch_size):
+    batches = range(0, len(ref), cfg.batch_size)
+    for i in progress(batches, total=len(batches), desc=f"reconstruct {len(ref)} images", unit="batch"):
         x = ref[i : i + cfg.batch_size].to(dev).float() / 127.5 - 1
         recon.append(to_uint8(net(x)[0]))
     net.train(was_training)
@@ -155,25 +151,31 @@ def evaluate_tokenizer(net, cfg: EvalConfig, weights: str = "raw") -> dict:
 
 
 @torch.no_grad()
-def evaluate_generator(model, tokenizer, cfg: EvalConfig, sampling: dict, weights: str = "raw") -> dict:
-    """FID/KID of images generated from the reference set's own captions (paired prompts)."""
+def evaluate_generator(pipeline, cfg: EvalConfig, weights: str = "raw", **overrides) -> dict:
+    """FID/KID of images generated from the reference set's own captions (paired prompts).
+
+    ``pipeline``: prompts -> images (``unifuse.pipeline``), with its stored sampling settings;
+    ``overrides`` replace some of them. Image i is drawn with seed ``cfg.seed + i`` (per-row
+    generators), so the result does not depend on the batch size."""
     ref, captions = reference_set(cfg.reference, cfg.n)
-    was_training = model.training
-    model.eval()
-    sampling = {k: v for k, v in sampling.items() if k != "seed"}
+    sampling = pipeline.settings(**{k: v for k, v in overrides.items() if k != "seed"})
+    sampling.pop("seed", None)
+    sampling.pop("progress", None)
     images = []
-    for i in range(0, len(captions), cfg.batch_size):
+    batches = range(0, len(captions), cfg.batch_size)
+    for i in progress(batches, total=len(batches), desc=f"generate {len(captions)} images", unit="batch"):
         prompts = captions[i : i + cfg.batch_size]
-        codes = model.generate(prompts, seed=cfg.seed + i, **sampling)
-        images.append(to_uint8(tokenizer.decode(codes)))
-    model.train(was_training)
+        images.append(to_uint8(pipeline.generate(prompts, seed=cfg.seed + i, **sampling)))
     images = torch.cat(images)
-    protocol = _protocol(cfg, len(ref), ref, task="text-to-image", weights=weights, sampler=model.kind,
+    protocol = _protocol(cfg, len(ref), ref, task="text-to-image", weights=weights, sampler=pipeline.kind,
                          cfg_scale=sampling.get("cfg_scale"), cfg_schedule=sampling.get("cfg_schedule", "constant"),
                          steps=sampling.get("steps"),
                          temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k"),
                          top_p=sampling.get("top_p"))
     return {"metrics": fidelity(images, ref, cfg, _cache_key(protocol)), "protocol": protocol}
+
+
+EVALUATORS = {"reconstruction": evaluate_tokenizer, "text-to-image": evaluate_generator}
 
 
 def config_dict(cfg: EvalConfig) -> dict:

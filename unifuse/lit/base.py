@@ -34,8 +34,13 @@ class UnifuseModule(L.LightningModule):
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": {}}
 
+    # extra top-level checkpoint entries (tensors allowed), e.g. the weights of a frozen tokenizer
+    def checkpoint_extras(self) -> dict:
+        return {}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["unifuse"] = self.checkpoint_meta()
+        checkpoint.update(self.checkpoint_extras())
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -1,24 +1,32 @@
 """LightningModule for the discrete-token generators (AR image GPT and MaskGIT): thin wrapper
 around ``ImageGPT`` / ``MaskGIT`` (steps, logging, sample grids). Codes come pre-encoded from the
-shards (``batch["codes"]``) or are encoded on the fly by the frozen VQ-VAE tokenizer."""
+shards (``batch["codes"]``) or are encoded on the fly by the frozen VQ-VAE tokenizer.
+
+Checkpoints carry the tokenizer (its config, weights and content hash; ``embed_tokenizer=false``
+stores only the config, hash and path) and the text tokenizer's vocabulary, so they sample and
+evaluate on any machine (see ``unifuse.checkpoint``)."""
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import torch
 
+from unifuse.checkpoint import load_net, tokenizer_entry
 from unifuse.lit.base import UnifuseModule
 from unifuse.models.image_gpt import TokenImageModel
-from unifuse.models.vqvae import VQVAE, load_vqvae
+from unifuse.models.vqvae import VQVAE
+from unifuse.pipeline import TokenImagePipeline
 from unifuse.text.tokenizer import ByteTokenizer
 
 
 class TokenGeneratorModule(UnifuseModule):
     def __init__(self, net: TokenImageModel, tokenizer_ckpt: str | None = None, optimizer=None, scheduler=None,
                  weight_decay: float = 0.1, cond: str = "text", p_uncond: float = 0.1,
-                 sample_prompts: list | None = None, sampling: dict | None = None, seed: int = 0):
+                 sample_prompts: list | None = None, sampling: dict | None = None, seed: int = 0,
+                 embed_tokenizer: bool = True):
         super().__init__(optimizer, scheduler, weight_decay)
         if cond not in ("text", "class"):
             raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
@@ -26,23 +34,43 @@ class TokenGeneratorModule(UnifuseModule):
         self.kind = net.kind
         self.tokenizer_ckpt = str(tokenizer_ckpt) if tokenizer_ckpt else None
         self.sample_prompts = list(sample_prompts or [])
-        self.sampling = dict(sampling or {})
+        self.sampling = {k: v for k, v in dict(sampling or {}).items() if v is not None or k == "cfg_scale"}
+        self.embed_tokenizer = embed_tokenizer
         self._rng = random.Random(seed)
         self.tokenizer: VQVAE | None = None
+        self._tokenizer_info: dict | None = None
+        self._tokenizer_state: dict | None = None
 
     def setup(self, stage: str) -> None:
         if self.tokenizer_ckpt and self.tokenizer is None:
-            tok = load_vqvae(self.tokenizer_ckpt).to(self.device)
+            tok = load_net(self.tokenizer_ckpt, expect="vqvae").to(self.device)
             tok.requires_grad_(False)
-            object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not in checkpoints
+            object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
             if tok.codebook_size != self.net.vocab.image_codes:
                 raise ValueError(f"tokenizer {self.tokenizer_ckpt} has {tok.codebook_size} codes but "
                                  f"model.net.vocab.image_codes is {self.net.vocab.image_codes}")
+            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(
+                tok, "vqvae", str(Path(self.tokenizer_ckpt).resolve()), self.embed_tokenizer)
 
     def checkpoint_meta(self) -> dict:
-        return {"kind": self.kind, "config": {**self.net.config(), "tokenizer_ckpt": self.tokenizer_ckpt,
-                                              "text_tokenizer": self.net.text_tokenizer.to_config(),
-                                              "cond": self.cond, "sampling": self.sampling}}
+        return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
+                "tokenizer": self._tokenizer_info}
+
+    def checkpoint_extras(self) -> dict:
+        return {"unifuse_tokenizer": self._tokenizer_state} if self._tokenizer_state is not None else {}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming: the stored vocabulary layout must be the configured one (ids mean the same)."""
+        stored = (checkpoint.get("unifuse") or {}).get("config", {}).get("vocab")
+        if stored:
+            self.net.vocab.check_compatible(stored, "checkpoint being resumed")
+
+    def pipeline(self) -> TokenImagePipeline | None:
+        """Prompts -> images with the current weights (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        self.tokenizer.to(self.device)
+        return TokenImagePipeline(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
 
     # ------------------------------------------------------------------ batches
     def _codes(self, batch: dict) -> torch.Tensor:
@@ -78,16 +106,9 @@ class TokenGeneratorModule(UnifuseModule):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample_images(self, prompts: list, **kw) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise ValueError("sampling to pixels needs the tokenizer (tokenizer_ckpt)")
-        self.tokenizer.to(self.device)
-        codes = self.net.generate(prompts, **{**self.sampling, **kw})
-        return self.tokenizer.decode(codes).clamp(-1, 1)
-
-    @torch.no_grad()
     def log_images(self, batch: dict) -> dict:
-        if not self.sample_prompts or self.tokenizer is None:
+        pipe = self.pipeline()
+        if not self.sample_prompts or pipe is None:
             return {}
-        images = self.sample_images(self.sample_prompts)
+        images = pipe.generate([str(p) for p in self.sample_prompts])
         return {"samples": (images, [str(p) for p in self.sample_prompts])}

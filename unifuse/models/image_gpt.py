@@ -14,6 +14,7 @@ built by the same function.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from unifuse.models.sampling import guidance_scale, row_generators, sample_logits
 from unifuse.models.transformer import Transformer, TransformerConfig
-from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer
+from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
 
@@ -59,8 +60,21 @@ class TokenImageModel(nn.Module):
         return self.grid * self.grid
 
     def config(self) -> dict:
+        """Everything :meth:`from_config` needs, the text tokenizer's vocabulary included."""
         return {"transformer": self.net.config(), "vocab": self.vocab.to_dict(), "grid": self.grid,
-                "max_text_len": self.max_text_len}
+                "max_text_len": self.max_text_len, "text_tokenizer": self.text_tokenizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> TokenImageModel:
+        return cls(TransformerConfig(**config["transformer"]), VocabLayout.from_dict(config["vocab"]),
+                   grid=config["grid"], max_text_len=config["max_text_len"],
+                   text_tokenizer=load_tokenizer(config.get("text_tokenizer")))
+
+    def sampling_kwargs(self, settings: dict) -> dict:
+        """The entries of ``settings`` that this model's ``generate`` takes (the AR GPT has no
+        ``steps``); one settings schema serves every generator."""
+        params = inspect.signature(self.generate).parameters
+        return {k: v for k, v in settings.items() if k in params}
 
     def condition_ids(self, cond: str | int | None) -> list[int]:
         """Token ids of one condition: a caption (str), a class (int) or None (unconditional)."""

@@ -4,7 +4,24 @@ code path and for any batch composition."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings shared by every generator (``model.sampling`` in training, stored in the
+    checkpoint, overridable in ``unifuse.sample`` / ``unifuse.evaluate``); a model uses the fields
+    its ``generate`` takes (the AR GPT ignores ``steps``)."""
+
+    cfg_scale: float | None = None  # classifier-free guidance scale; null: no guidance
+    cfg_schedule: str = "constant"  # constant | linear (ramp from 1 to cfg_scale)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    steps: int | None = None  # parallel decoding / sampler steps (MaskGIT)
+    seed: int = 0
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """VQ-VAE image tokenizer: conv encoder -> 1x1 projection to low-dim codes -> vector quantizer ->
 1x1 projection back -> conv decoder. Usable without Lightning; ``load_vqvae`` rebuilds it from a
-training checkpoint (weights-only load, architecture from the stored config)."""
+training checkpoint or an exported directory (weights-only load, architecture from the stored
+config, see ``unifuse.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class VQVAE(nn.Module):
     def config(self) -> dict:
         return {"autoencoder": asdict(self.ae_cfg), "quantizer": asdict(self.q_cfg)}
 
+    @classmethod
+    def from_config(cls, config: dict) -> VQVAE:
+        """The inverse of :meth:`config` (what checkpoints store)."""
+        return cls(AutoencoderConfig(**config["autoencoder"]), QuantizerConfig(**config["quantizer"]))
+
     def token_grid(self, image_size: int) -> tuple[int, int]:
         s = image_size // self.downsample_factor
         return s, s
@@ -65,13 +71,7 @@ class VQVAE(nn.Module):
 
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
-    """Rebuild a trained tokenizer from a unifuse checkpoint, without Lightning."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    meta = ckpt.get("unifuse")
-    if not meta or meta.get("kind") != "vqvae":
-        raise ValueError(f"{path} is not a unifuse VQ-VAE checkpoint (kind={meta and meta.get('kind')})")
-    cfg = meta["config"]
-    net = VQVAE(AutoencoderConfig(**cfg["autoencoder"]), QuantizerConfig(**cfg["quantizer"]))
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
-    return net.eval()
+    """Rebuild a trained tokenizer from a unifuse checkpoint or export directory, without Lightning."""
+    from unifuse.checkpoint import load_net
+
+    return load_net(path, map_location, expect="vqvae")

@@ -1,0 +1,51 @@
+"""``python -m unifuse.export ckpt=<checkpoint> out=<dir>``: weights for people who share them the
+way the Hugging Face ecosystem does.
+
+Writes ``model.safetensors`` (the net's weights), ``config.json`` (kind, architecture, sampling
+settings, evaluation protocol, the text tokenizer's vocabulary, the image tokenizer's description)
+and, for generators, ``tokenizer.safetensors`` (the image tokenizer's weights). Loading needs
+neither Lightning nor pickle::
+
+    import json, safetensors.torch
+    from unifuse.checkpoint import build_net
+    c = json.load(open("dir/config.json"))
+    net = build_net(c["kind"], c["config"], safetensors.torch.load_file("dir/model.safetensors"))
+
+The directory is itself a checkpoint for ``unifuse.sample`` and ``unifuse.evaluate`` (``ckpt=dir``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from unifuse import config as _config
+
+
+def export(cfg: DictConfig):
+    from unifuse.checkpoint import export as write_export
+
+    out = write_export(cfg.ckpt, cfg.out)
+    print(f"exported {cfg.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def _app(cfg: DictConfig) -> None:
+    try:
+        export(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv: list[str] | None = None):
+    if argv is None:
+        _app()
+        return None
+    return export(_config.compose_app("export", argv))
+
+
+if __name__ == "__main__":
+    main()
