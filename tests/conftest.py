@@ -108,3 +108,16 @@ def generator_overrides(model: str, codes: Path, tokenizer: Path) -> list[str]:
         "model.sample_prompts=[twemoji dog face,openmoji pizza]",
         "callbacks.progress=null",
     ]
+
+
+@pytest.fixture(scope="session")
+def domain_weights(tiny_emoji) -> Path:
+    """The domain feature extractor of the tiny emoji set, where the training config looks for it
+    (``<data.image_root>/domain_extractor.pt``)."""
+    from unifuse.eval.extractors import train_domain_extractor
+
+    out = tiny_emoji / "domain_extractor.pt"
+    if not out.is_file():
+        info = train_domain_extractor(str(tiny_emoji / "train"), out, epochs=6)
+        assert info["classes"] >= 2 and info["train_accuracy"] > 0.3
+    return out

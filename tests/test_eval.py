@@ -12,17 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import compose_cfg, tiny_overrides
-from unifuse.eval.extractors import train_domain_extractor
 from unifuse.eval.fidelity import EvalConfig, extractor_setup, fidelity, metric_name, reference_set
-
-
-@pytest.fixture(scope="module")
-def domain_weights(tiny_emoji) -> Path:
-    out = tiny_emoji / "domain_extractor.pt"
-    if not out.is_file():
-        info = train_domain_extractor(str(tiny_emoji / "train"), out, epochs=6)
-        assert info["classes"] >= 2 and info["train_accuracy"] > 0.3
-    return out
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:

@@ -74,3 +74,40 @@ def test_tokenizer_loads_without_lightning(tiny_emoji, tmp_path):
     sd = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     torch.testing.assert_close(net.quantizer.embedding, sd["net.quantizer.embedding"])
     json.dumps(torch.load(result["checkpoint"], weights_only=True)["unifuse"])  # plain data only
+
+
+def test_resume_continues_the_same_wandb_run(tiny_emoji, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    over = tiny_overrides(tiny_emoji) + ["trainer=debug_limit", "logger=wandb", "trainer.max_epochs=1",
+                                         "task_name=wbtest"]
+    first = train(compose_cfg(over, tmp_path / "a"))
+    wandb.finish()  # as the app does at the end of every run
+    rec = json.loads((tmp_path / "a" / "wandb_run.json").read_text())
+    assert rec["name"].startswith("wbtest/") and len(rec["id"]) == 8
+    second = train(compose_cfg(over + ["trainer.max_epochs=2", f"ckpt_path={first['checkpoint']}"], tmp_path / "b"))
+    wandb.finish()
+    assert json.loads((tmp_path / "b" / "wandb_run.json").read_text()) == rec
+    runs = [p.name for d in ("a", "b") for p in (tmp_path / d / "wandb").glob("offline-run-*")]
+    assert len(runs) == 2 and all(r.endswith(f"-{rec['id']}") for r in runs)  # one W&B run, resumed
+    fresh = train(compose_cfg(over, tmp_path / "c"))  # a new run gets a new W&B run
+    wandb.finish()
+    assert json.loads((tmp_path / "c" / "wandb_run.json").read_text())["id"] != rec["id"]
+    assert second["checkpoint"] and fresh["checkpoint"]
+
+
+def test_wandb_login_credentials_switch_to_online(tmp_path, monkeypatch):
+    from unifuse.config import wandb_offline
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login me password x\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_offline()  # no W&B credentials: offline
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert not wandb_offline()  # what `wandb login` writes
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline()  # an explicit offline wins

@@ -1,0 +1,98 @@
+"""The Hydra entry points for sampling and evaluation, run as a user runs them: typed settings that
+fail on a misspelled key, sweeps with a summary table, prompts that must be given, and the online
+generator FID reproduced offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, compose_cfg, generator_overrides
+from unifuse.train import train
+
+
+def cli(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "UNIFUSE_ROOT": str(cwd), "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def online(tiny_codes, tiny_tokenizer, tiny_emoji, domain_weights, tmp_path_factory) -> dict:
+    """A tiny AR GPT trained with the online FID callback on (n=8)."""
+    out = tmp_path_factory.mktemp("online")
+    over = generator_overrides("ar_gpt", tiny_codes, tiny_tokenizer) + [
+        "trainer=debug_limit", "trainer.max_epochs=1", "logger=csv", "callbacks.fidelity.enabled=true",
+        f"data.image_root={tiny_emoji}", "eval.n=8", "eval.batch_size=8", "eval.cache_dir=null"]
+    return train(compose_cfg(over, out))
+
+
+def test_online_generator_fid_is_reproduced_by_the_evaluate_cli(online):
+    from unifuse.evaluate import main as evaluate_main
+
+    logged = {k: v for k, v in online["metrics"].items() if k.startswith("eval/fid@domain-")}
+    assert len(logged) == 1, online["metrics"]
+    (name, value), = logged.items()
+    assert name.endswith("-n8-cfg1.5lin")  # the ar_gpt preset's sampling: cfg 1.5, linear ramp
+    res = evaluate_main([f"ckpt={online['checkpoint']}"])
+    assert res["metric_names"]["fid"] == name
+    assert res["metrics"]["fid"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert res["protocol"]["sampler"] == "ar_gpt" and res["protocol"]["temperature"] == 0.8
+
+
+def test_misspelled_key_fails_naming_it(online, tmp_path):
+    proc = cli("unifuse.evaluate", [f"ckpt={online['checkpoint']}", "extractr=inception"], tmp_path)
+    assert proc.returncode != 0 and "extractr" in proc.stderr
+    assert not list(Path(online["checkpoint"]).parent.glob("eval_*inception*"))  # nothing computed
+    proc = cli("unifuse.sample", [f"ckpt={online['checkpoint']}", "prompt=a", "cfg_scale=high"], tmp_path)
+    assert proc.returncode != 0 and "cfg_scale" in proc.stderr  # typed: not a float
+
+
+def test_cfg_job_prints_the_config(tmp_path):
+    proc = cli("unifuse.evaluate", ["--cfg", "job", "ckpt=x.ckpt", "cfg_scale=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "cfg_scale: 2.0" in proc.stdout and "extractor: ???" in proc.stdout
+
+
+def test_evaluate_sweep_writes_one_json_per_job_and_a_table(online, tmp_path):
+    ckpt = online["checkpoint"]
+    out = f"out={tmp_path}/r/" + "${cfg_scale}.json"  # one JSON per job, named by its guidance scale
+    proc = cli("unifuse.evaluate", ["-m", f"ckpt={ckpt}", "cfg_scale=1,1.5,3", out], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jsons = sorted((tmp_path / "r").glob("*.json"))
+    assert [p.name for p in jsons] == ["1.0.json", "1.5.json", "3.0.json"]
+    scales = [json.loads(p.read_text())["protocol"]["cfg_scale"] for p in jsons]
+    assert scales == [1.0, 1.5, 3.0]
+    table = list((tmp_path / "outputs" / "eval_sweeps").rglob("summary.md"))
+    assert len(table) == 1
+    text = table[0].read_text()
+    for s in ("cfg1.0lin", "cfg1.5lin", "cfg3.0lin"):  # one metric column per protocol, one row per job
+        assert "eval/fid@" in text and s in text
+    assert len(text.strip().splitlines()) == 2 + 3
+    assert (table[0].parent / "summary.csv").is_file()
+
+
+def test_prompts_are_required_unless_unconditional_is_asked_for(online, tmp_path):
+    from unifuse.sample import main
+
+    ckpt = online["checkpoint"]
+    with pytest.raises(ValueError, match="prompt=... is required"):
+        main([f"ckpt={ckpt}", f"out={tmp_path}/a.png"])
+    with pytest.raises(ValueError, match="uncond=true"):
+        main([f"ckpt={ckpt}", "prompt=", f"out={tmp_path}/b.png"])
+    with pytest.raises(ValueError, match="uncond=true"):
+        main([f"ckpt={ckpt}", "prompt=dog face||pizza", f"out={tmp_path}/c.png"])
+    out = main([f"ckpt={ckpt}", "prompt=", "uncond=true", "n=2", f"out={tmp_path}/d.png"])
+    assert out.is_file()
+
+
+def test_sample_sweep_over_guidance(online, tmp_path):
+    proc = cli("unifuse.sample", ["-m", f"ckpt={online['checkpoint']}", "prompt=twemoji dog face", "n=2",
+                                  "cfg_scale=null,2", f"out={tmp_path}/g/" + "${cfg_scale}.png"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == ["2.0.png", "None.png"]
