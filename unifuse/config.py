@@ -210,6 +210,30 @@ def compose_app(name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def tool_main(config_name: str, task):
+    """The entry point of a Hydra tool app (``sample``, ``evaluate``, ``export``): ``main()`` runs the
+    CLI on ``conf/<config_name>.yaml`` (bad input ends with its message, not a traceback);
+    ``main(overrides)`` composes the same config in-process and returns ``task``'s result."""
+    import sys
+
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+
+    def main(argv: list[str] | None = None):
+        if argv is None:
+            app()
+            return None
+        return task(compose_app(config_name, argv))
+
+    return main
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("unifuse.run_id"):
         OmegaConf.register_new_resolver("unifuse.run_id", run_id)

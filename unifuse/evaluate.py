@@ -22,7 +22,6 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -148,24 +147,16 @@ def build_extractor(argv: list[str]) -> dict:
     return info
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def _app(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-        sys.exit(f"error: {e}")
+_main = _config.tool_main("evaluate", run)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """The CLI; with ``argv`` (a list of overrides) composes the same config in-process and returns
-    the result (tests, notebooks)."""
+    """The CLI (``build-extractor`` is its own argparse command); with ``argv`` (a list of overrides)
+    evaluates in-process and returns the result (tests, notebooks)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "build-extractor":
         return build_extractor(args[1:])
-    if argv is None:
-        _app()
-        return None
-    return run(_config.compose_app("evaluate", argv))
+    return _main(argv)
 
 
 if __name__ == "__main__":

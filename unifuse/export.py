@@ -16,9 +16,6 @@ The directory is itself a checkpoint for ``unifuse.sample`` and ``unifuse.evalua
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
 from unifuse import config as _config
@@ -32,20 +29,7 @@ def export(cfg: DictConfig):
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def _app(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-
-
-def main(argv: list[str] | None = None):
-    if argv is None:
-        _app()
-        return None
-    return export(_config.compose_app("export", argv))
-
+main = _config.tool_main("export", export)
 
 if __name__ == "__main__":
     main()

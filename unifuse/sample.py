@@ -14,11 +14,9 @@ config; ``-m`` sweeps (e.g. ``-m cfg_scale=1,3``) write one grid per job.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from unifuse import config as _config
@@ -67,22 +65,7 @@ def sample(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
-def _app(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-        sys.exit(f"error: {e}")
-
-
-def main(argv: list[str] | None = None) -> Path | None:
-    """The CLI; with ``argv`` (a list of overrides) composes the same config in-process and returns
-    the PNG path (tests, notebooks)."""
-    if argv is None:
-        _app()
-        return None
-    return sample(_config.compose_app("sample", argv))
-
+main = _config.tool_main("sample", sample)
 
 if __name__ == "__main__":
     main()
