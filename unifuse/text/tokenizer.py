@@ -63,17 +63,19 @@ class BPETokenizer:
         return {"kind": "bpe", "path": str(self.path) if self.path else None, "json": self.json_text}
 
     @staticmethod
-    def train(texts: Iterator[str], out: str | Path, vocab_size: int = 4096,
-              progress: bool = False) -> BPETokenizer:
+    def train(texts: Iterator[str], out: str | Path, vocab_size: int = 4096) -> BPETokenizer:
+        """Train on ``texts`` (reading them reports progress; so do the merges on a terminal)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from unifuse.progress import interactive, progress
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=interactive()
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator(progress(texts, desc="BPE: read texts", unit="text"), trainer=trainer)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tok.save(str(out))
         return BPETokenizer(out)
