@@ -33,9 +33,38 @@ def test_experiment_presets_compose(experiment):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_group_options_compose(group, option):
-    cfg = _compose([f"{group}={option}"])
-    OmegaConf.to_container(cfg.model)  # model nodes are fully typed and valid
+def test_group_options_compose(group, option, tmp_path: Path):
+    """The option is what got composed, its interpolations resolve and every ``_target_`` in it
+    names something importable (a renamed class fails here, not at launch)."""
+    from hydra.utils import get_object
+
+    extra = []
+    if (group, option) in {("model", "ar_gpt"), ("model", "maskgit"), ("data", "emoji_codes")}:
+        (tmp_path / "tok.ckpt").write_bytes(b"x")  # generators and code shards name a tokenizer
+        extra = [*(["model=ar_gpt"] if group == "data" else []), f"model.tokenizer_ckpt={tmp_path / 'tok.ckpt'}"]
+    cfg = _compose([f"{group}={option}", *extra])
+    assert cfg.hydra.runtime.choices[group] == option
+    node = cfg.hydra if group == "hydra" else cfg[group]
+    if group != "hydra":
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as in a run
+        OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    targets = []
+
+    def walk(n):
+        if isinstance(n, dict):
+            if isinstance(n.get("_target_"), str):
+                targets.append(n["_target_"])
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
+                walk(v)
+
+    walk(OmegaConf.to_container(node, resolve=False))
+    for t in targets:
+        assert callable(get_object(t)), t
 
 
 def test_h100_preset_is_sized_for_gpus():
@@ -61,22 +90,45 @@ def test_wrong_type_fails_at_compose():
         _compose(["model.net.quantizer.codebook_size=lots"])
 
 
-def test_run_dirs_do_not_collide_and_torchrun_ranks_agree(monkeypatch):
+def test_run_dirs_do_not_collide(monkeypatch):
     import unifuse.config as c
 
-    monkeypatch.setattr(c, "_RUN_ID", None)
-    a = c.run_id()
-    monkeypatch.setattr(c, "_RUN_ID", None)
-    b = c.run_id()
-    assert a != b  # same second, different runs
-    for rank in range(2):  # two torchrun ranks: same parent, same rendezvous id -> same dir
+    monkeypatch.delenv("UNIFUSE_RUN_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ids = set()
+    for _ in range(3):  # same second, different runs
         monkeypatch.setattr(c, "_RUN_ID", None)
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-        monkeypatch.setenv("RANK", str(rank))
-        ids = c.run_id()
-        if rank == 0:
-            first = ids
-    assert ids == first and "torchrun_" in ids
+        ids.add(c.run_id())
+    assert len(ids) == 3
+
+
+# An "elastic agent": starts two ranks as its children, the way torchrun does, and prints their ids.
+_AGENT = """
+import os, subprocess, sys
+env = {k: v for k, v in os.environ.items() if k != "UNIFUSE_RUN_ID"}
+env["TORCHELASTIC_RUN_ID"] = sys.argv[1]
+code = "import unifuse.config as c; print(c.run_id())"
+procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                          text=True) for r in range(2)]
+print(" ".join(p.communicate()[0].strip() for p in procs))
+"""
+
+
+def test_torchrun_ranks_agree_on_one_run_dir_and_launches_differ():
+    """Two ranks (separate processes, one parent) get the same run id, with and without a rendezvous
+    id; a second launch gets another."""
+    import subprocess
+    import sys
+
+    def launch(rdzv: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _AGENT, rdzv], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    a, b = launch("none"), launch("none")
+    assert len(a) == 2 and a[0] == a[1] and "torchrun_" in a[0]
+    assert b[0] == b[1] and b[0] != a[0]  # another agent process: another run
+    c = launch("job42")
+    assert c[0] == c[1] and c[0].endswith("torchrun_job42")
 
 
 def test_slurm_launcher_composes_from_the_trainer():

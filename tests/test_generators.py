@@ -27,6 +27,27 @@ def test_encoded_shards_hold_codes_and_captions(tiny_codes, tiny_tokenizer):
     assert (tiny_codes / "_encoded_with.json").is_file()
 
 
+def test_code_shards_of_another_tokenizer_are_refused(tiny_codes, tiny_tokenizer, tmp_path):
+    """Codes are only valid with the codebook that made them: pointing a run at code shards encoded
+    by another tokenizer checkpoint is an error naming the setting, before any batch is read."""
+    import shutil
+
+    import hydra
+
+    other = tmp_path / "other.ckpt"
+    shutil.copy(tiny_tokenizer, other)
+    for tok, ok in ((tiny_tokenizer, True), (other, False)):
+        cfg = compose_cfg(generator_overrides("ar_gpt", tiny_codes, tok)
+                          + ["data.build=encode", f"data.build_dir={tiny_codes}"], tmp_path / "run")
+        dm = hydra.utils.instantiate(cfg.data)
+        if ok:
+            dm.prepare_data()
+        else:
+            with pytest.raises(ValueError, match="model.tokenizer_ckpt") as e:
+                dm.prepare_data()
+            assert str(other) in str(e.value) and str(tiny_tokenizer.resolve()) in str(e.value)
+
+
 def test_fast_dev_run_ar_gpt_and_maskgit(tiny_codes, tiny_tokenizer, tmp_path):
     for model in ("ar_gpt", "maskgit"):
         cfg = compose_cfg(generator_overrides(model, tiny_codes, tiny_tokenizer) + ["trainer=debug", "logger=none"],

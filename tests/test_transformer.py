@@ -44,15 +44,18 @@ def test_flex_equals_dense_on_random_layouts(causal, seed):
     dense = attend(q, k, v, spec, "dense")
     flex = attend(q, k, v, spec, "flex")
     torch.testing.assert_close(flex, dense, atol=2e-5, rtol=1e-4)
-    # and the dense reference is what the mask function says, position by position
-    m = dense_mask(spec, n, n, "cpu")[0, 0]
-    for qi in (5, 33, 60):
-        for ki in range(n):
-            ok = bool((ki <= qi or not causal or (img[0, qi] >= 0 and img[0, qi] == img[0, ki]))
-                      and doc[0, qi] == doc[0, ki] and doc[0, ki] >= 0)
-            if doc[0, qi] < 0 and ki == qi:
-                ok = True  # padding sees itself only
-            assert bool(m[qi, ki]) == ok
+    # and the dense reference is what the rules say, for every (query, key) pair of every row
+    # (tests/test_claims_attention.py also checks cached query offsets and longer sequences)
+    m = dense_mask(spec, n, n, "cpu")[:, 0]
+    for r in range(b):
+        dr, ir = doc[r].tolist(), img[r].tolist()
+        for qi in range(n):
+            for ki in range(n):
+                ok = ((ki <= qi or not causal or (ir[qi] >= 0 and ir[qi] == ir[ki]))
+                      and dr[qi] == dr[ki] and dr[ki] >= 0)
+                if dr[qi] < 0:
+                    ok = ki == qi  # padding sees itself only
+                assert bool(m[r, qi, ki]) == ok, (r, qi, ki)
 
 
 def test_causal_fast_path_equals_flex_causal_mask():
@@ -225,13 +228,22 @@ def test_tokens_outside_the_image_range_are_never_sampled_inside_an_image():
     assert codes.min() >= 0 and codes.max() < m.vocab.image_codes
 
 
-def test_maskgit_k_forward_passes_each_position_decoded_once():
+def test_maskgit_k_forward_passes_each_position_decoded_once(monkeypatch):
+    """K passes; each position is decoded at exactly one step, to the token sampled at that step, and
+    never changes afterwards: the image fed to pass k+1 keeps every code pass k was given."""
+    import unifuse.models.maskgit as mg
+
     m = gpt(MaskGIT, grid=4)
-    lengths = []
+    lengths, fed, sampled = [], [], []
     m.net.norm.register_forward_hook(lambda mod, inp, out: lengths.append(out.shape[1]))
+    m.net.tok_emb.register_forward_hook(lambda mod, inp, out: fed.append(inp[0][:3, -16:].clone()))
+    real = mg.sample_logits
+    monkeypatch.setattr(mg, "sample_logits", lambda *a, **kw: sampled.append(real(*a, **kw).view(3, 16)) or
+                        sampled[-1].flatten())
+    mask_id, code_id = m.vocab.mask, m.vocab.code_to_id
     for k in (4, 8, 12):
         for use_cache in (False, True):
-            lengths.clear()
+            lengths.clear(), fed.clear(), sampled.clear()
             codes, trace = m.generate(["dog", "cat", ""], steps=k, cfg_scale=2.0, seed=0, return_trace=True,
                                       use_cache=use_cache)
             # cond + uncond share one batched pass per step; cached: the caption once, then the image K times
@@ -239,6 +251,15 @@ def test_maskgit_k_forward_passes_each_position_decoded_once():
             assert codes.shape == (3, 4, 4) and (trace >= 0).all() and (trace < k).all()
             per_step = torch.stack([(trace == s).sum(1) for s in range(k)], 1)
             assert (per_step.sum(1) == 16).all() and (per_step > 0).all()  # every step decodes something
+            inputs = fed[1:] if use_cache else fed  # the image ids of each pass (cached: after the caption)
+            assert len(inputs) == len(sampled) == k
+            final = code_id(codes.flatten(1))
+            for s in range(k):
+                known = trace < s  # decoded before pass s
+                assert torch.equal(inputs[s] != mask_id, known), f"pass {s} sees the wrong positions"
+                assert torch.equal(inputs[s][known], final[known]), f"a decoded code changed before pass {s}"
+                new = trace == s
+                assert torch.equal(codes.flatten(1)[new], sampled[s][new]), f"step {s} kept other tokens"
 
 
 def test_maskgit_cached_caption_matches_full_recomputation():

@@ -7,6 +7,9 @@
   land on the same side and generalisation to unseen names is measurable.
 * ``fashion_mnist``: the standard IDX files from Debian's ``dataset-fashion-mnist`` package or any
   directory; class names as captions plus ``cls``; the 10k test set becomes ``val``.
+
+Both build in ``OUT.partial-<host>-<pid>/`` and move ``train/`` and ``val/`` into ``OUT`` when
+done, then write ``OUT/_complete.json``; a build without it was interrupted and is rebuilt.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
-from unifuse.data.shards import ShardWriter
+from unifuse.data.shards import ShardWriter, Staging
 
 log = logging.getLogger("unifuse.data")
 
@@ -124,31 +127,36 @@ def build_emoji(out: str | Path = "data/emoji", size: int = 32, styles=("twemoji
                 limit: int | None = None) -> dict:
     out = Path(out)
     stats: Counter = Counter()
-    writers = {split: ShardWriter(out / split, prefix=f"emoji{size}", max_samples=shard_size)
-               for split in ("train", "val")}
     makers = {"twemoji": _twemoji_items, "openmoji": _openmoji_items}
     for style in styles:
         if style not in makers:
             raise ValueError(f"unknown emoji style {style!r}; choose from {sorted(makers)}")
-        items = list(makers[style](stats))[:limit]
-        for stem, name, load in tqdm(items, desc=f"emoji/{style}", unit="img"):
-            try:
-                im = pad_square_white(load(), size)
-            except Exception as e:  # unreadable asset or glyph
-                stats[f"{style}_render_failed"] += 1
-                log.warning("could not render %s (%s): %s", stem, name, e)
-                continue
-            if np.asarray(im).min() > 250:  # nothing drawn: the font lacks this glyph
-                stats[f"{style}_blank"] += 1
-                continue
-            caption = f"{style} {name}" if style_prefix else name
-            split = "val" if _is_val(name, val_percent) else "train"
-            writers[split].write(f"{style}_{stem.replace('-', '_')}", {
-                "png": _png(im), "txt": caption,
-                "json": {"name": name, "style": style, "codepoints": stem, "caption": caption},
-            })
-            stats[f"{split}"] += 1
-    summaries = {split: w.close() for split, w in writers.items()}
+    with Staging(out, ["train", "val"]) as st:
+        writers = {split: ShardWriter(st.path(split), prefix=f"emoji{size}", max_samples=shard_size)
+                   for split in ("train", "val")}
+        for style in styles:
+            items = list(makers[style](stats))[:limit]
+            for stem, name, load in tqdm(items, desc=f"emoji/{style}", unit="img"):
+                try:
+                    im = pad_square_white(load(), size)
+                except Exception as e:  # unreadable asset or glyph
+                    stats[f"{style}_render_failed"] += 1
+                    log.warning("could not render %s (%s): %s", stem, name, e)
+                    continue
+                if np.asarray(im).min() > 250:  # nothing drawn: the font lacks this glyph
+                    stats[f"{style}_blank"] += 1
+                    continue
+                caption = f"{style} {name}" if style_prefix else name
+                split = "val" if _is_val(name, val_percent) else "train"
+                writers[split].write(f"{style}_{stem.replace('-', '_')}", {
+                    "png": _png(im), "txt": caption,
+                    "json": {"name": name, "style": style, "codepoints": stem, "caption": caption},
+                })
+                stats[f"{split}"] += 1
+        summaries = {split: st.published(w.close(), split) for split, w in writers.items()}
+        st.commit(marker={"dataset": "emoji", "size": size, "styles": list(styles), "val_percent": val_percent,
+                          "style_prefix": style_prefix, "limit": limit,
+                          "samples": {split: s.samples for split, s in summaries.items()}})
     for split, s in summaries.items():
         print(f"emoji {split}: {s}")
     skipped = {k: v for k, v in stats.items() if k not in ("train", "val")}
@@ -196,16 +204,18 @@ def build_fashion_mnist(out: str | Path = "data/fashion_mnist", src: str | None 
         return hits[0]
 
     result = {}
-    for split, prefix in (("train", "train"), ("val", "t10k")):
-        images = _read_idx(pick(f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(pick(f"{prefix}-labels-idx1-ubyte"))
-        with ShardWriter(Path(out) / split, prefix=f"fmnist{size}", max_samples=shard_size) as w:
-            for i in tqdm(range(len(images)), desc=f"fashion_mnist/{split}", unit="img"):
-                im = Image.fromarray(images[i], "L")
-                if size != 28:
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
-                c = int(labels[i])
-                w.write(f"{split}{i:06d}", {"png": _png(im), "txt": FASHION_CLASSES[c], "cls": c})
-        print(f"fashion_mnist {split}: {w.summary}")
-        result[split] = w.summary.samples
+    with Staging(out, ["train", "val"]) as st:
+        for split, prefix in (("train", "train"), ("val", "t10k")):
+            images = _read_idx(pick(f"{prefix}-images-idx3-ubyte"))
+            labels = _read_idx(pick(f"{prefix}-labels-idx1-ubyte"))
+            with ShardWriter(st.path(split), prefix=f"fmnist{size}", max_samples=shard_size) as w:
+                for i in tqdm(range(len(images)), desc=f"fashion_mnist/{split}", unit="img"):
+                    im = Image.fromarray(images[i], "L")
+                    if size != 28:
+                        im = im.resize((size, size), Image.Resampling.BICUBIC)
+                    c = int(labels[i])
+                    w.write(f"{split}{i:06d}", {"png": _png(im), "txt": FASHION_CLASSES[c], "cls": c})
+            print(f"fashion_mnist {split}: {w.summary}")
+            result[split] = w.summary.samples
+        st.commit(marker={"dataset": "fashion_mnist", "size": size, "src": str(d), "samples": result})
     return result

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unifuse.data.samples import DecodeConfig
-from unifuse.data.shards import expand_shards
+from unifuse.data.shards import build_complete, expand_shards
 from unifuse.data.stream import ShardStream, Source, worker_init_threads
 
 log = logging.getLogger("unifuse.data")
@@ -51,37 +51,76 @@ class ShardDataModule(L.LightningDataModule):
         self.name, self.image_root = name, image_root  # image_root: image shards used by evaluation
 
     # ------------------------------------------------------------------ data preparation
-    def _missing(self) -> bool:
-        try:
-            for spec in self.train_spec.values():
+    def _missing(self) -> list[str]:
+        """The config keys whose shards are not found."""
+        keys = []
+        for name, spec in self.train_spec.items():
+            try:
                 expand_shards(spec["shards"])
-            if self.val_spec:
+            except FileNotFoundError:
+                keys.append(f"data.train.{name}.shards")
+        if self.val_spec:
+            try:
                 expand_shards(self.val_spec)
-        except FileNotFoundError:
-            return True
-        return False
+            except FileNotFoundError:
+                keys.append("data.val")
+        return keys
+
+    def _missing_error(self, keys: list[str]) -> FileNotFoundError:
+        msgs = []
+        for key in keys:
+            if key == "data.val":
+                msgs.append(f"validation shards not found: data.val={self.val_spec!r}. Write a validation split "
+                            "(`python -m unifuse.data write pairs ... --out DIR --val-fraction 0.05` writes DIR/train "
+                            "and DIR/val), point data.val at one, or set data.val=null to train without validation")
+            else:
+                name = key.split(".")[2]
+                msgs.append(f"training shards not found: {key}={self.train_spec[name]['shards']!r}. Write some with "
+                            "`python -m unifuse.data write`, or set data.build to an embedded dataset")
+        return FileNotFoundError("; ".join(msgs))
+
+    def _build_done(self) -> bool:
+        """``build_dir`` holds a finished build (an unfinished, interrupted one is never reused)."""
+        d = Path(self.build_dir)
+        if self.build == "encode":
+            from unifuse.data.encode import STAMP
+
+            return (d / STAMP).is_file()
+        return build_complete(d)
 
     def prepare_data(self) -> None:
         if self.build == "encode":
             from unifuse.data.encode import check_stamp
 
             check_stamp(self.build_dir, self.build_args["tokenizer"])
-        if not self._missing():
-            return
+        missing = self._missing()
         if not self.build:
-            raise FileNotFoundError(
-                f"training shards not found ({self.train_spec}); write some with `python -m unifuse.data write` "
-                "or set data.build to an embedded dataset"
-            )
+            if missing:
+                raise self._missing_error(missing)
+            return
+        done, there = self._build_done(), Path(self.build_dir).exists()
+        if not missing and (done or not there):  # built, or the shards are somewhere else
+            return
+        if done:  # built, but the config looks elsewhere
+            raise self._missing_error(missing)
         from unifuse.data import builders
 
+        if there:
+            log.warning("%s holds an incomplete %s build (interrupted?): building it again", self.build_dir,
+                        self.build)
         log.info("building %s data into %s", self.build, self.build_dir)
+        self._build(builders)
+        missing = self._missing()
+        if missing:
+            raise self._missing_error(missing)
+
+    def _build(self, builders) -> None:
         if self.build == "encode":  # code shards from image shards, building those first if needed
             from unifuse.data.encode import encode_shards
 
             a = self.build_args
             src, src_build = a["src"], a.get("src_build")
-            if src_build and not Path(src, "train").is_dir():
+            if src_build and not build_complete(src):
                 getattr(builders, f"build_{src_build}")(out=src, **dict(a.get("src_args") or {}))
             encode_shards(a["tokenizer"], src, self.build_dir, batch_size=int(a.get("batch_size", 256)),
                           device=str(a.get("device", "cpu")))
@@ -100,9 +139,16 @@ class ShardDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, worker_init_fn=worker_init_threads if nw else None,
                           prefetch_factor=4 if nw else None)
 
+    @staticmethod
+    def _source(key: str, name: str, shards, weight: float = 1.0) -> Source:
+        try:
+            return Source(name, shards, weight)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{key}: {e}") from None
+
     def train_stream(self) -> ShardStream:
         rank, world = self._rank()
-        sources = [Source(name, spec["shards"], float(spec.get("weight", 1.0)))
+        sources = [self._source(f"data.train.{name}.shards", name, spec["shards"], float(spec.get("weight", 1.0)))
                    for name, spec in self.train_spec.items()]
         stream = ShardStream(sources, self.collator, self.decode, mode=self.mode,
                              batches_per_epoch=self.batches_per_epoch, shuffle=True,
@@ -118,9 +164,9 @@ class ShardDataModule(L.LightningDataModule):
         if not self.val_spec:
             return []
         rank, world = self._rank()
-        stream = ShardStream([Source("val", self.val_spec)], self.val_collator, self.decode, mode="epoch",
-                             batches_per_epoch=self.val_batches, shuffle=False, seed=self.seed,
-                             rank=rank, world_size=world)
+        val = self._source("data.val", "val", self.val_spec)
+        stream = ShardStream([val], self.val_collator, self.decode, mode="epoch", batches_per_epoch=self.val_batches,
+                             shuffle=False, seed=self.seed, rank=rank, world_size=world)
         return self._loader(stream)
 
     # ------------------------------------------------------------------ device side

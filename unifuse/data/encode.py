@@ -1,6 +1,7 @@
 """Pre-encoding image shards into code shards with a trained VQ-VAE tokenizer, so generators
 train without running the tokenizer each step (as LlamaGen does). Output samples keep the
-caption/cls/json and carry the codes as ``KEY.npy`` (int16 when the codebook allows)."""
+caption/cls/json and carry the codes as ``KEY.npy`` (int16 when the codebook allows). The codes
+are written into a partial directory next to ``out`` and moved into place when complete."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-from unifuse.data.shards import ShardWriter, expand_shards, shard_counts
+from unifuse.data.shards import ShardWriter, Staging, expand_shards, shard_counts
 from unifuse.data.stream import _raw_samples
 from unifuse.models.vqvae import load_vqvae
 
@@ -30,13 +31,25 @@ def encode_shards(tokenizer: str | Path, src: str | Path, out: str | Path, batch
     tokenizer, src, out = Path(tokenizer), Path(src), Path(out)
     net = load_vqvae(tokenizer, map_location=device).to(device)
     dtype = np.int16 if net.codebook_size <= np.iinfo(np.int16).max else np.int32
+    splits = _splits(src)
+    with Staging(out, [split for split, _ in splits], allowed=(STAMP,)) as staging:
+        result = _encode_splits(net, dtype, tokenizer, src, splits, staging, batch_size, shard_size, device,
+                                image_size)
+        staging.commit(clear=(STAMP,))
+    (out / STAMP).write_text(json.dumps({"tokenizer": str(tokenizer.resolve()),
+                                         "tokenizer_mtime": tokenizer.stat().st_mtime}))
+    return result
+
+
+def _encode_splits(net, dtype, tokenizer: Path, src: Path, splits: list[tuple[str, Path]], staging: Staging,
+                   batch_size: int, shard_size: int, device: str, image_size: int | None) -> dict:
     result = {}
-    for split, d in _splits(src):
+    for split, d in splits:
         paths = expand_shards(str(d))
         total = sum(shard_counts(paths))
         stats: Counter = Counter()
         cfg = DecodeConfig(image_size=image_size, require_image=True)
-        with ShardWriter(out / split, prefix="codes", max_samples=shard_size) as w:
+        with ShardWriter(staging.path(split), prefix="codes", max_samples=shard_size) as w:
             pending: list = []
 
             def flush():
@@ -67,8 +80,6 @@ def encode_shards(tokenizer: str | Path, src: str | Path, out: str | Path, batch
                     flush()
         print(f"encoded {split or src}: {w.summary}; input skipped: {dict(stats) or 'none'}")
         result[split or "all"] = w.summary.samples
-    (out / STAMP).write_text(json.dumps({"tokenizer": str(tokenizer.resolve()),
-                                         "tokenizer_mtime": tokenizer.stat().st_mtime}))
     return result
 
 

@@ -1,4 +1,4 @@
-"""Writing webdataset shards and counting their samples.
+"""Writing webdataset shards, finding them (local or remote) and counting their samples.
 
 Layout written (the img2dataset layout, readable by any webdataset reader)::
 
@@ -11,27 +11,58 @@ Layout written (the img2dataset layout, readable by any webdataset reader)::
 
 Sample counts per shard are kept in ``_index.json`` next to the shards (written by the writer, or
 computed once from the tar headers for shards made elsewhere, e.g. by img2dataset). The data
-stream needs them to give every rank the same number of batches.
+stream needs them to give every rank the same number of batches. Remote shards (``http(s)://``,
+``s3://``, ``gs://``, ``file://`` URLs and ``pipe:`` commands, all opened with webdataset's
+``gopen``) take their counts from the ``_index.json`` beside them, or are streamed once and counted;
+those counts are cached under ``$UNIFUSE_CACHE`` (default ``~/.cache/unifuse``) ``/shard_counts``.
+
+Nothing half-written is ever published: a shard is written as ``NAME.tar.tmp`` and renamed to
+``NAME.tar`` when it is complete, ``_index.json`` is replaced atomically after the shards, and whole
+datasets are built in ``OUT.partial-<host>-<pid>/`` (:class:`Staging`) and moved into place at the end.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
+from webdataset.gopen import Pipe, gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
+from unifuse.progress import progress
+
 INDEX_NAME = "_index.json"
+COMPLETE_NAME = "_complete.json"  # written last into a finished build
+TMP_SUFFIX = ".tmp"
 log = logging.getLogger("unifuse.data")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``path`` through a hidden temporary file and ``os.replace``: readers see the old
+    content or the new one, never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -51,7 +82,11 @@ class WriteSummary:
 
 
 class ShardWriter:
-    """Writes samples (dicts of member name -> bytes/str/int/ndarray) into numbered tar shards."""
+    """Writes samples (dicts of member name -> bytes/str/int/ndarray) into numbered tar shards.
+
+    Each shard is written as ``PREFIX-NNNNNN.tar.tmp`` and renamed to ``.tar`` once it is full (or
+    on ``close``); ``close`` then updates ``_index.json``. Leaving the ``with`` block on an exception
+    drops the unfinished shard instead of publishing it."""
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", max_samples: int = 10_000,
                  max_bytes: int = 1 << 30):
@@ -68,7 +103,8 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{self.summary.shards:06d}.tar"
         self._path = self.out_dir / name
-        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._tmp = self.out_dir / (name + TMP_SUFFIX)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count, self._bytes = 0, 0
         self.summary.shards += 1
         self.summary.paths.append(str(self._path))
@@ -76,9 +112,10 @@ class ShardWriter:
     def _close_shard(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            self._tar = None
+            os.replace(self._tmp, self._path)
             self._counts[self._path.name] = self._count
             self.summary.bytes += self._path.stat().st_size
-            self._tar = None
 
     @staticmethod
     def _encode(value) -> bytes:
@@ -116,11 +153,289 @@ class ShardWriter:
         update_index(self.out_dir, self._counts)
         return self.summary
 
+    def abort(self) -> None:
+        """Drop the unfinished shard; the finished ones stay (and are indexed)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            self._tmp.unlink(missing_ok=True)
+            self.summary.samples -= self._count
+            self.summary.shards -= 1
+            self.summary.paths.pop()
+        update_index(self.out_dir, self._counts)
+
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------- staged outputs
+_PARTIAL = re.compile(r"\.partial-(?P<host>.+)-(?P<pid>\d+)(?:\.old)?$")
+_SHARD_FILE = re.compile(r"\.tar$|\.tar\.tmp$|\.tmp-\d+$|^_index\.json$|^_complete\.json$")
+
+
+def partial_dirs(out: str | Path) -> list[Path]:
+    """Directories left next to ``out`` by builds of it that are running or were interrupted."""
+    out = Path(out)
+    return sorted(p for p in out.parent.glob(glob.escape(out.name) + ".partial-*") if _PARTIAL.search(p.name))
+
+
+def _stale(p: Path) -> bool:
+    """A partial directory whose builder (on this host) is gone. Those of other hosts are left alone."""
+    m = _PARTIAL.search(p.name)
+    if not m or m["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def check_replaceable(d: Path, allowed: Iterable[str] = ()) -> None:
+    """``d`` may be replaced by a new build: it is absent, or holds nothing but shards."""
+    if not d.exists() and not d.is_symlink():
+        return
+    if d.is_symlink() or not d.is_dir():
+        raise FileExistsError(f"{d} exists and is not a directory")
+    allowed = set(allowed)
+    others = sorted(p.name for p in d.iterdir() if not (_SHARD_FILE.search(p.name) or p.name in allowed))
+    if others:
+        raise FileExistsError(
+            f"{d} already holds other files than shards ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): write somewhere else or remove it first"
+        )
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished ``src`` to ``dst``; an older ``dst`` is moved aside first, then deleted."""
+    if not dst.exists() and not dst.is_symlink():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f"{dst.name}.partial-{socket.gethostname()}-{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Staging:
+    """Build a dataset in ``OUT.partial-<host>-<pid>/`` and move it into place when it is complete.
+
+    ``path(part)`` is where to write what becomes ``OUT/part`` (``part=""``: ``OUT`` itself);
+    ``commit()`` moves every part into place (a previous copy of a part is replaced, other files in
+    ``OUT`` are kept) and then writes the ``marker`` file, if any, into ``OUT``. An exception inside
+    the ``with`` block removes the partial directory; one left by a killed run is removed by the
+    next run on the same host. Parts to be replaced must hold nothing but shards (and ``allowed``).
+    """
+
+    def __init__(self, out: str | Path, parts: Iterable[str], allowed: Iterable[str] = ()):
+        self.out, self.parts = Path(os.path.abspath(out)), list(parts)
+        for part in self.parts:
+            target = self.out / part if part else self.out
+            for stale in partial_dirs(target):
+                if _stale(stale):
+                    log.info("removing %s, left by an interrupted run", stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+            check_replaceable(target, allowed)
+        for stale in partial_dirs(self.out):
+            if _stale(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.dir = self.out.with_name(f"{self.out.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.committed = False
+
+    def path(self, part: str = "") -> Path:
+        return self.dir / part if part else self.dir
+
+    def final(self, part: str = "") -> Path:
+        return self.out / part if part else self.out
+
+    def commit(self, marker: dict | None = None, clear: Iterable[str] = ()) -> None:
+        """Move the parts into place. ``clear``: files of ``OUT`` that describe the old content
+        (stamps, markers), removed before anything moves."""
+        if any(self.parts):
+            self.out.mkdir(parents=True, exist_ok=True)
+        for name in [COMPLETE_NAME, *clear]:
+            if self.out.is_dir():
+                (self.out / name).unlink(missing_ok=True)
+        for part in self.parts:
+            src = self.path(part)
+            src.mkdir(parents=True, exist_ok=True)
+            _replace_dir(src, self.final(part))
+        if marker is not None:
+            atomic_write_text(self.out / COMPLETE_NAME, json.dumps(marker, indent=1, sort_keys=True))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.committed = True
+
+    def published(self, summary: WriteSummary, part: str = "") -> WriteSummary:
+        """``summary`` with its shard paths where they are after ``commit``."""
+        summary.paths = [str(self.final(part) / Path(p).name) for p in summary.paths]
+        return summary
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def build_complete(out: str | Path, splits: Iterable[str] = ("train", "val")) -> bool:
+    """Whether ``out`` holds a finished build: its completion marker, or (for builds made before
+    markers existed) an ``_index.json`` in every split listing each of its shards at its size."""
+    out = Path(out)
+    if (out / COMPLETE_NAME).is_file():
+        return all((out / s).is_dir() for s in splits)
+    for s in splits:
+        d = out / s
+        idx = _read_index(d)
+        if not idx or any(idx.get(t.name, {}).get("size") != t.stat().st_size for t in d.glob("*.tar")):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- remote shards
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_TAR_NAME = re.compile(r"[^/\s'\"=]+\.tar(?=$|[\s'\"?#;|])")
+
+
+def is_url(spec: str) -> bool:
+    """A shard read through webdataset's ``gopen`` (``pipe:`` commands, ``scheme://`` URLs)."""
+    return str(spec).startswith("pipe:") or bool(_URL.match(str(spec)))
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192):
+    """``s3://`` URLs through the AWS CLI (webdataset has no s3 opener of its own)."""
+    if mode[0] == "r":
+        return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141])
+    return Pipe(["aws", "s3", "cp", "-", url], mode=mode, bufsize=bufsize, ignore_status=[141])
+
+
+gopen_schemes.setdefault("s3", _gopen_s3)
+
+
+def index_location(url: str) -> tuple[str, str] | None:
+    """(where the ``_index.json`` beside a remote shard is, the shard's file name): the last
+    ``*.tar`` name in the URL or ``pipe:`` command is replaced by ``_index.json``."""
+    matches = list(_TAR_NAME.finditer(url))
+    if not matches:
+        return None
+    m = matches[-1]
+    return url[: m.start()] + INDEX_NAME + url[m.end():], m.group(0)
+
+
+def _fetch_index(url: str) -> dict:
+    try:
+        f = gopen(url)
+        try:
+            data = f.read()
+        finally:
+            f.close()
+        idx = json.loads(data)
+    except Exception as e:  # no index there (or unreadable): the shards are counted instead
+        log.debug("no shard index at %s: %s", url, e)
+        return {}
+    return idx if isinstance(idx, dict) else {}
+
+
+def counts_cache_dir() -> Path:
+    return Path(os.environ.get("UNIFUSE_CACHE") or "~/.cache/unifuse").expanduser() / "shard_counts"
+
+
+def _cache_path(url: str) -> Path:
+    return counts_cache_dir() / (hashlib.sha1(url.encode("utf-8")).hexdigest() + ".json")
+
+
+def _cached_count(url: str) -> dict | None:
+    try:
+        entry = json.loads(_cache_path(url).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(entry, dict) and entry.get("url") == url and "samples" in entry):
+        return None
+    if url.startswith("file:") and entry.get("size") != _local_size(url):  # the file changed
+        return None
+    return entry
+
+
+class _CountingReader:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size)
+        self.n += len(b)
+        return b
+
+
+def count_stream_samples(url: str) -> tuple[int, bool]:
+    """(samples, damaged) of a remote shard, streamed once through ``gopen``; same rules as
+    :func:`count_tar_samples`. The result is cached (keyed by the URL) unless reading failed."""
+    n, last, damaged, transport = 0, None, False, None
+    end, last_started_key, offset, tar = 0, False, 0, None
+    try:
+        f = gopen(url)
+    except Exception as e:
+        raise OSError(f"cannot open shard {url}: {e}") from e
+    r = _CountingReader(f)
+    try:
+        try:
+            tar = tarfile.open(fileobj=r, mode="r|*")
+            while (info := tar.next()) is not None:
+                tar.members = []
+                end, last_started_key = info.offset_data + info.size, False
+                if not info.isreg():
+                    continue
+                prefix, _ = base_plus_ext(info.name)
+                if prefix is None or os.path.basename(info.name).startswith("__"):
+                    continue
+                if prefix != last:
+                    n, last, last_started_key = n + 1, prefix, True
+            offset = tar.offset
+        except (tarfile.TarError, EOFError):
+            damaged = True
+        rest = tar.fileobj if tar is not None else r
+        while rest.read(1 << 20):  # padding and end blocks (and lets a pipe exit cleanly)
+            pass
+    except (tarfile.TarError, EOFError):
+        damaged = True
+    except OSError as e:  # the transfer failed (pipe exit status, network)
+        transport = e
+    finally:
+        try:
+            f.close()
+        except Exception as e:
+            transport = transport or e
+    total = tar.fileobj.pos if tar is not None else r.n  # bytes of tar data (after decompression)
+    if end > total:  # the last member's data was cut off: a torn last sample
+        damaged = True
+        n -= int(last_started_key)
+    elif not damaged and offset + 1024 > total:  # no end-of-archive blocks: the stream was cut
+        damaged = True
+    if transport is not None:
+        if r.n == 0:
+            raise OSError(f"cannot read shard {url}: {transport}") from transport
+        log.warning("reading %s failed after %d bytes (%s): not caching its count", url, r.n, transport)
+        return n, True
+    try:
+        path = _cache_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"url": url, "samples": n, "damaged": damaged}
+        if url.startswith("file:"):
+            entry["size"] = _local_size(url)
+        atomic_write_text(path, json.dumps(entry))
+    except OSError:
+        pass  # no writable cache: counted again next time
+    return n, damaged
 
 
 # ----------------------------------------------------------------------------- counting
@@ -152,9 +467,10 @@ def count_tar_samples(path: str | Path) -> tuple[int, bool]:
 
 def _read_index(d: Path) -> dict:
     try:
-        return json.loads((d / INDEX_NAME).read_text())
+        idx = json.loads((d / INDEX_NAME).read_text())
     except (OSError, ValueError):
         return {}
+    return idx if isinstance(idx, dict) else {}
 
 
 def update_index(d: Path, counts: dict[str, int], damaged: set[str] = frozenset()) -> None:
@@ -165,34 +481,77 @@ def update_index(d: Path, counts: dict[str, int], damaged: set[str] = frozenset(
         if name in damaged:
             idx[name]["damaged"] = True
     try:
-        (d / INDEX_NAME).write_text(json.dumps(idx, indent=1, sort_keys=True))
+        atomic_write_text(d / INDEX_NAME, json.dumps(idx, indent=1, sort_keys=True))
     except OSError:
         pass  # read-only shard directory: counts are recomputed next time
 
 
+def _entry(e) -> tuple[int, bool] | None:
+    if isinstance(e, dict) and isinstance(e.get("samples"), int):
+        return e["samples"], bool(e.get("damaged", False))
+    return None
+
+
+def _local_size(url: str) -> int | None:
+    try:
+        return os.path.getsize(url2pathname(urlparse(url).path))
+    except OSError:
+        return None
+
+
 def shard_info(paths: list[str]) -> tuple[list[int], list[bool]]:
-    """(sample counts, damaged flags) for local shards, from ``_index.json`` when it is current,
-    else from the tar headers (and then cached in the index)."""
-    out, bad, fresh, fresh_bad = [], [], {}, {}
-    by_dir: dict[Path, dict] = {}
-    for p in paths:
-        path = Path(p)
-        d = path.parent
-        if d not in by_dir:
-            by_dir[d] = _read_index(d)
-        entry = by_dir[d].get(path.name)
-        size = path.stat().st_size
-        if entry and entry.get("size") == size:
-            out.append(int(entry["samples"]))
-            bad.append(bool(entry.get("damaged", False)))
+    """(sample counts, damaged flags) for shards, local or remote.
+
+    Local shards: from ``_index.json`` when it is current (same file size), else from the tar
+    headers (and then cached in the index). Remote shards: from the ``_index.json`` beside them,
+    else from the count cache, else streamed once and counted (with progress) and cached."""
+    out: list[int] = [0] * len(paths)
+    bad: list[bool] = [False] * len(paths)
+    todo: list[int] = []
+    local_idx: dict[Path, dict] = {}
+    remote_idx: dict[str, dict] = {}
+    for i, p in enumerate(paths):
+        got = None
+        if is_url(p):
+            loc = index_location(p)
+            if loc is not None:
+                if loc[0] not in remote_idx:
+                    remote_idx[loc[0]] = _fetch_index(loc[0])
+                e = remote_idx[loc[0]].get(loc[1])
+                if not (p.startswith("file:") and isinstance(e, dict) and "size" in e
+                        and e["size"] != _local_size(p)):  # a file:// shard changed since indexed
+                    got = _entry(e)
+            got = got or _entry(_cached_count(p))
         else:
+            path = Path(p)
+            if path.parent not in local_idx:
+                local_idx[path.parent] = _read_index(path.parent)
+            e = local_idx[path.parent].get(path.name)
+            if isinstance(e, dict) and e.get("size") == path.stat().st_size:
+                got = _entry(e)
+        if got is None:
+            todo.append(i)
+        else:
+            out[i], bad[i] = got
+    n_remote = sum(is_url(paths[i]) for i in todo)
+    if n_remote:
+        log.info("%d remote shards have no _index.json beside them: counting their samples by reading them "
+                 "once (cached in %s)", n_remote, counts_cache_dir())
+    fresh: dict[Path, dict[str, int]] = {}
+    fresh_bad: dict[Path, set[str]] = {}
+    for i in progress(todo, desc="counting shard samples", unit="shard"):
+        p = paths[i]
+        if is_url(p):
+            n, damaged = count_stream_samples(p)
+        else:
+            path = Path(p)
             n, damaged = count_tar_samples(path)
-            fresh.setdefault(d, {})[path.name] = n
+            fresh.setdefault(path.parent, {})[path.name] = n
             if damaged:
-                fresh_bad.setdefault(d, set()).add(path.name)
-                log.warning("shard %s is truncated or damaged: using its first %d samples", path, n)
-            out.append(n)
-            bad.append(damaged)
+                fresh_bad.setdefault(path.parent, set()).add(path.name)
+        if damaged:
+            log.warning("shard %s is truncated or damaged: using its first %d samples", p, n)
+        out[i], bad[i] = n, damaged
     for d, counts in fresh.items():
         update_index(d, counts, fresh_bad.get(d, set()))
     return out, bad
@@ -202,14 +561,38 @@ def shard_counts(paths: list[str]) -> list[int]:
     return shard_info(paths)[0]
 
 
+def _expand_url(spec: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for url in braceexpand(spec):
+        if url.startswith("file:"):  # local after all: directories and globs work as for paths
+            path = url2pathname(urlparse(url).path)
+            if os.path.isdir(path):
+                out.extend("file://" + p for p in sorted(glob.glob(os.path.join(path, "*.tar"))))
+                continue
+            if glob.has_magic(path):
+                out.extend("file://" + p for p in sorted(glob.glob(path)))
+                continue
+        out.append(url)
+    return out
+
+
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Shard list from a directory, a glob, a brace pattern (``a-{000..009}.tar``) or a list of those."""
+    """Shard list from a directory, a glob, a brace pattern (``a-{000..009}.tar``), a URL
+    (``https://host/a-{000..009}.tar``, ``s3://``, ``gs://``, ``file://``) or a ``pipe:`` command
+    (``pipe:aws s3 cp s3://bucket/a-000000.tar -``), or a list of those. URLs and commands are not
+    checked here: they are opened when read."""
     from braceexpand import braceexpand
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for s in specs:
-        s = os.path.expanduser(str(s))
+        s = str(s)
+        if is_url(s):
+            out.extend(_expand_url(s))
+            continue
+        s = os.path.expanduser(s)
         if os.path.isdir(s):
             out.extend(sorted(glob.glob(os.path.join(s, "*.tar"))))
             continue

@@ -160,6 +160,113 @@ def _shuffled(it: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+def _quotas(n: int, weights: list[float]) -> list[int]:
+    """``n`` samples split by weight (largest remainder): they sum to ``n``, each within 1 of its share."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    out = [int(x) for x in exact]
+    by_remainder = sorted(range(len(out)), key=lambda i: (out[i] - exact[i], i))
+    for i in by_remainder[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _next_order(counts: list[int], order: list[int], keep: int, rng: random.Random) -> list[int]:
+    """A reshuffled shard order whose first ``keep`` samples are the samples before ``keep`` in ``order``.
+
+    Shards wholly before ``keep`` are shuffled to the front, the shard cut at ``keep`` comes next (its
+    first part lands exactly on ``[.., keep)``), the shards after it are shuffled to the back; so an
+    epoch reading ``order[keep:]`` and then the first ``<= keep`` samples of the new order sees no
+    sample twice."""
+    head, cut, tail, offset = [], [], [], 0
+    for si in order:
+        if offset + counts[si] <= keep:
+            head.append(si)
+        elif offset >= keep:
+            tail.append(si)
+        else:
+            cut.append(si)
+        offset += counts[si]
+    rng.shuffle(head)
+    rng.shuffle(tail)
+    return head + cut + tail
+
+
+class _SourcePlan:
+    """Which samples of one source rank ``r`` reads in each epoch, derived on every rank alike from the
+    seed, the epoch, the shard counts and the source's ``quota`` (samples per rank per epoch).
+
+    * quota <= per-rank share (``total // world``): the source is one endless sequence of passes,
+      each pass a fresh shard order; epoch ``e`` reads positions ``[e*Q, (e+1)*Q)`` (``Q = world*quota``),
+      rank r the r-th ``quota`` of them. Every sample is read once per pass, none twice in an epoch.
+    * quota > per-rank share: upsampled. Each epoch a fresh shard order, rank r reads its own slice
+      ``[r*p, (r+1)*p)`` over and over; reads past the first ``p`` are labelled ``upsampled``.
+    """
+
+    def __init__(self, src: Source, quota: int, world_size: int, seed: int, shuffle: bool):
+        self.src, self.quota, self.world, self.seed, self.shuffle = src, quota, world_size, seed, shuffle
+        self.per_rank = src.total // world_size
+        self.upsampled = quota > self.per_rank
+        if self.upsampled and self.per_rank == 0:
+            raise ValueError(f"source {src.name!r} has {src.total} samples, fewer than the {world_size} ranks; "
+                             "every rank needs its own samples of it")
+        self._pass: tuple[int, list[int]] | None = None  # the last pass order computed (k, order)
+
+    def pieces(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple[int, int, int, str | None]]:
+        """(shard index, skip, take, label) covering positions ``[lo, hi)`` of the rank's quota."""
+        runs = self._upsampled_runs(epoch, rank, lo, hi) if self.upsampled else self._pass_runs(epoch, rank, lo, hi)
+        return [(si, skip, take, label) for order, start, stop, label in runs
+                for si, skip, take in _slice(self.src.counts, order, start, stop)]
+
+    def _upsampled_runs(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple]:
+        p, order, runs = self.per_rank, self._order(f"epoch{epoch}"), []
+        while lo < hi:
+            n = min(hi - lo, p - lo % p)
+            start = rank * p + lo % p
+            runs.append((order, start, start + n, "upsampled" if lo >= p else None))
+            lo += n
+        return runs
+
+    def _pass_runs(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple]:
+        total, first = self.src.total, (epoch * self.world + rank) * self.quota
+        g, end, runs = first + lo, first + hi, []
+        while g < end:
+            k = g // total
+            stop = min(end, (k + 1) * total)
+            runs.append((self._pass_order(k), g - k * total, stop - k * total, None))
+            g = stop
+        return runs
+
+    def _order(self, key: str) -> list[int]:
+        order = list(range(len(self.src.shards)))
+        if self.shuffle:
+            self._rng(key).shuffle(order)
+        return order
+
+    def _rng(self, key: str) -> random.Random:
+        return random.Random(f"{self.seed}/{self.src.name}/{key}")  # str seeds hash the same in every process
+
+    def _pass_order(self, k: int) -> list[int]:
+        """Shard order of pass k: pass 0 shuffled, each next one reshuffled by ``_next_order`` so the epoch
+        that runs from one pass into the next sees no sample twice. Computed forward from pass 0."""
+        if not self.shuffle:
+            return self._order("")
+        if self._pass is None or self._pass[0] > k:
+            self._pass = (0, self._order("pass0"))
+        while self._pass[0] < k:
+            j, order = self._pass
+            keep = self._straddle_start(j)
+            self._pass = (j + 1, _next_order(self.src.counts, order, keep, self._rng(f"pass{j + 1}")))
+        return self._pass[1]
+
+    def _straddle_start(self, k: int) -> int:
+        """Where in pass k the epoch starts that runs on into pass k+1 (the pass length if none does)."""
+        total, per_epoch = self.src.total, self.world * self.quota
+        end = (k + 1) * total
+        start = (end - 1) // per_epoch * per_epoch
+        return start - k * total if start + per_epoch > end else total
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -181,6 +288,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"data mode must be 'epoch' or 'resampled', not {mode!r}")
         if not sources:
             raise ValueError("no data sources given")
+        if any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
+            raise ValueError(f"source weights must be >= 0 and not all 0: {[(s.name, s.weight) for s in sources]}")
         self.sources, self.collator = sources, collator
         self.decode = decode or DecodeConfig()
         self.mode, self.shuffle, self.shuffle_buffer = mode, shuffle, shuffle_buffer
@@ -192,6 +301,9 @@ class ShardStream(IterableDataset):
         self.base_epoch = 0
         self._iterations = 0  # epochs this copy has run (persistent workers keep their copy)
         self.num_batches = self._plan_batches(batches_per_epoch)
+        # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
+        self.quotas = _quotas(self.num_batches * collator.batch_size, [s.weight for s in sources])
+        self.plans = [_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
 
     # ------------------------------------------------------------------ planning
     def per_rank(self, source: Source) -> int:
@@ -226,39 +338,62 @@ class ShardStream(IterableDataset):
         mine = [nb // nw + (i < nb % nw) for i in range(nw)]
         return mine[wid], sum(mine[:wid]), nb
 
-    def _epoch_source(self, src: Source, epoch: int, wid: int, nw: int, rng: random.Random,
+    def _draws(self, epoch: int) -> np.ndarray:
+        """The rank's sequence of source indices for one epoch: each source exactly its quota of times,
+        in a seeded random order that every worker of the rank computes alike."""
+        seq = np.repeat(np.arange(len(self.sources), dtype=np.int32), self.quotas)
+        if len(self.sources) > 1:
+            np.random.default_rng([self.seed % 2**32, epoch, self.rank]).shuffle(seq)
+        return seq
+
+    def _epoch_samples(self, epoch: int, before: int, mine: int, rng: random.Random, stats: Counter) -> Iterator:
+        """This worker's samples: its part of the rank's draws (for batches ``[before, before + mine)``),
+        each source read from its own disjoint slice; then, if bad data left batches short, refills."""
+        bs, n = self.collator.batch_size, len(self.sources)
+        draws = self._draws(epoch)
+        start, stop = before * bs, (before + mine) * bs
+        lo = np.bincount(draws[:start], minlength=n)
+        count = np.bincount(draws[start:stop], minlength=n)
+        streams = [self._epoch_source(plan, plan.pieces(epoch, self.rank, int(lo[i]), int(lo[i] + count[i])),
+                                      rng, stats) for i, plan in enumerate(self.plans)]
+        for k in draws[start:stop].tolist():
+            yield next(streams[k])
+        live = [i for i in range(n) if count[i] > 0]
+        while True:  # only reached when skipped samples (bad data, collator) left the batches short
+            yield next(streams[rng.choices(live, weights=[int(count[i]) for i in live])[0]])
+
+    def _epoch_source(self, plan: _SourcePlan, pieces: list[tuple], rng: random.Random,
                       stats: Counter) -> Iterator:
-        order = list(range(len(src.shards)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        n = self.per_rank(src)
-        mine, before, nb = self._worker_batches(wid, nw)
-        lo = self.rank * n + (n * before) // nb
-        hi = self.rank * n + (n * (before + mine)) // nb
-        if wid == nw - 1:
-            hi = (self.rank + 1) * n
-        pieces = _slice(src.counts, order, lo, hi)
-        for si, _, _ in pieces:
+        """One source's samples for this worker: its pieces once (planned repeats labelled
+        ``upsampled``), then over again as ``refill`` for as long as more are asked for."""
+        src = plan.src
+        for si in sorted({p[0] for p in pieces}):
             if src.damaged[si]:
                 stats["truncated_tar"] += 1
                 log.warning("reading the intact part of damaged shard %s", src.shards[si])
         passes = 0
         while True:
             got = 0
-            raw = (r for si, skip, take in pieces for r in _raw_samples(src.shards[si], skip, take, stats))
-            for sample in _shuffled(self._decoded(raw, stats), self.shuffle_buffer if self.shuffle else 0, rng):
+            for sample, label in _shuffled(self._read(src, pieces, stats), self.shuffle_buffer if self.shuffle else 0,
+                                           rng):
                 got += 1
-                if passes:
-                    stats["refill"] += 1
+                label = "refill" if passes else label
+                if label:
+                    stats[label] += 1
+                if label == "upsampled":
+                    stats[f"upsampled/{src.name}"] += 1
                 yield sample
             if got == 0:
-                if hi <= lo and nb > 0:
-                    return  # this worker's slice of this source is empty (small source, many workers)
                 raise RuntimeError(
-                    f"no usable samples in source {src.name!r} slice [{lo}, {hi}) of rank {self.rank}; "
+                    f"no usable samples in source {src.name!r} pieces {pieces} of rank {self.rank}; "
                     f"skip counts so far: {dict(stats)}"
                 )
             passes += 1
+
+    def _read(self, src: Source, pieces: list[tuple], stats: Counter) -> Iterator[tuple]:
+        for si, skip, take, label in pieces:
+            for sample in self._decoded(_raw_samples(src.shards[si], skip, take, stats), stats):
+                yield sample, label
 
     def _resampled_source(self, src: Source, rng: random.Random, stats: Counter) -> Iterator:
         while True:
@@ -270,6 +405,15 @@ class ShardStream(IterableDataset):
                 yield sample
             if got == 0 and all(c == 0 for c in src.counts):
                 raise RuntimeError(f"source {src.name!r} has no samples")
+
+    def _resampled_samples(self, rng: random.Random, stats: Counter) -> Iterator:
+        """Samples drawn from source s with probability weight_s / sum(weights)."""
+        streams = [self._resampled_source(s, rng, stats) for s in self.sources]
+        if len(streams) == 1:
+            yield from streams[0]
+        cdf = np.cumsum([s.weight for s in self.sources]) / sum(s.weight for s in self.sources)
+        while True:
+            yield next(streams[int(np.searchsorted(cdf, rng.random(), side="right").clip(0, len(streams) - 1))])
 
     def _decoded(self, raws: Iterator[dict], stats: Counter) -> Iterator:
         for raw in raws:
@@ -285,36 +429,24 @@ class ShardStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.base_epoch + self._iterations
         self._iterations += 1
+        if self.mode == "epoch" and not self.shuffle:
+            epoch = 0  # unshuffled (validation): the same samples in the same order every time
         rng = random.Random(hash((self.seed, epoch, self.rank, wid)) & 0xFFFFFFFF)
         stats: Counter = Counter()
-        my_batches = self._worker_batches(wid, nw)[0]
-        if my_batches == 0:
+        mine, before, _ = self._worker_batches(wid, nw)
+        if mine == 0:
             return
         if self.mode == "epoch":
-            streams = [self._epoch_source(s, epoch, wid, nw, rng, stats) for s in self.sources]
+            samples = self._epoch_samples(epoch, before, mine, rng, stats)
         else:
-            streams = [self._resampled_source(s, rng, stats) for s in self.sources]
-        weights = np.array([s.weight for s in self.sources], dtype=float)
-        live = list(range(len(streams)))
+            samples = self._resampled_samples(rng, stats)
         collator = self.collator.fresh()
         made = 0
-        while made < my_batches:
-            if len(live) == 1:
-                k = live[0]
-            else:
-                w = weights[live] / weights[live].sum()
-                k = live[int(np.searchsorted(np.cumsum(w), rng.random(), side="right").clip(0, len(live) - 1))]
-            try:
-                sample = next(streams[k])
-            except StopIteration:
-                live.remove(k)
-                if not live:
-                    raise RuntimeError("all data sources ran dry before the epoch's batches were made") from None
-                continue
-            reason = collator.add(sample)
+        while made < mine:
+            reason = collator.add(next(samples))
             if reason:
                 stats[reason] += 1
-            while collator.ready() and made < my_batches:
+            while collator.ready() and made < mine:
                 batch = collator.pop()
                 batch["data_stats"] = dict(stats)
                 stats.clear()

@@ -133,7 +133,7 @@ class ImageGPT(TokenImageModel):
         x, y = rows.tokens[:, :-1], rows.tokens[:, 1:]
         doc = rows.doc_id if rows.padded else None
         logits = self.net(x, rows.positions[:, :-1], doc_id=None if doc is None else doc[:, :-1])
-        valid = rows.doc_id[:, 1:] >= 0
+        valid = (rows.doc_id[:, 1:] >= 0) & (rows.doc_id[:, :-1] >= 0)  # no target predicted from padding
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         is_img = torch.zeros_like(valid)
         is_img[:, p - 1:] = True  # targets from the first code to EOI
