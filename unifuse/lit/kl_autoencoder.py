@@ -1,0 +1,65 @@
+"""LightningModule for the KL autoencoder: reconstruction + KL, PSNR/SSIM, and the latent
+statistics (shift and scale) measured from the training images and kept in the weights.
+
+The statistics are those of the posterior means of the most recent ``latent_stats_images``
+training images (summed over all ranks), refreshed every step, so whenever a checkpoint is written
+(end of training included) it holds the values of the weights it stores, up to the last few
+thousand images' drift."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from unifuse.lit.autoencoder import ReconstructionModule
+from unifuse.models.kl_autoencoder import KLAutoencoder
+
+
+class KLAutoencoderModule(ReconstructionModule):
+    kind = "kl_autoencoder"
+
+    def __init__(self, net: KLAutoencoder, optimizer=None, scheduler=None, weight_decay: float = 0.0,
+                 recon_loss: str = "l1", kl_weight: float = 1e-6, latent_stats_images: int = 4096,
+                 num_log_images: int = 16):
+        super().__init__(net, optimizer, scheduler, weight_decay, recon_loss, num_log_images)
+        self.kl_weight, self.latent_stats_images = float(kl_weight), int(latent_stats_images)
+        self._window: deque[torch.Tensor] = deque()
+
+    def _step(self, batch: dict):
+        x = batch["image"]
+        recon, kl, q = self.net(x)
+        rec = self.reconstruction_loss(recon, x)
+        # KL summed over the latent and divided by the pixel count: the ratio of latent-diffusion's
+        # sum-reduced losses, with the reconstruction averaged per pixel
+        kl = kl.mean() / x[0].numel()
+        return x, recon, q, rec, kl
+
+    def training_step(self, batch: dict, batch_idx: int):
+        x, recon, q, rec, kl = self._step(batch)
+        loss = rec + self.kl_weight * kl
+        self._track_latents(q.mean.detach())
+        self.log_dict({"train/loss": loss, "train/recon": rec, "train/kl": kl}, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def _track_latents(self, mean: torch.Tensor) -> None:
+        m = mean.double()
+        sums = torch.stack([torch.tensor(float(m.numel()), dtype=torch.float64, device=m.device), m.sum(),
+                            m.pow(2).sum(), torch.tensor(float(len(m)), dtype=torch.float64, device=m.device)])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self._window.append(sums.cpu())
+        while len(self._window) > 1 and sum(float(w[3]) for w in self._window) - float(self._window[0][3]) \
+                >= self.latent_stats_images:
+            self._window.popleft()
+        count, s, s2, n = torch.stack(list(self._window)).sum(0).tolist()
+        self.net.set_latent_stats(count, s, s2, int(n))
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        x, recon, q, rec, kl = self._step(batch)
+        self.update_image_metrics(recon, x)
+        z = self.net.normalise(q.mean) if self.net.has_latent_stats else q.mean
+        self.log_dict({"val/loss": rec + self.kl_weight * kl, "val/recon": rec, "val/kl": kl,
+                       "val/latent_std": z.std(), "val/latent_mean": z.mean()},
+                      sync_dist=True, batch_size=x.shape[0], prog_bar=True)
