@@ -78,6 +78,48 @@ def tiny_tokenizer(tiny_emoji, tmp_path_factory) -> Path:
     return Path(train(cfg)["checkpoint"])
 
 
+def kl_overrides(data_dir: Path) -> list[str]:
+    """The tiny overrides for model=kl_autoencoder (4 latent channels at 8x8 for 16x16 images)."""
+    over = [o for o in tiny_overrides(data_dir) if "quantizer" not in o]
+    return ["model=kl_autoencoder", *over, "model.net.latent_channels=4", "model.latent_stats_images=32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_kl(tiny_emoji, tmp_path_factory) -> Path:
+    """A KL autoencoder checkpoint trained for a few steps on the tiny emoji set (with latent stats)."""
+    from unifuse.train import train
+
+    out = tmp_path_factory.mktemp("kl_run")
+    cfg = compose_cfg(kl_overrides(tiny_emoji) + ["trainer=debug_limit", "logger=none", "trainer.max_epochs=2",
+                                                  "callbacks.fidelity.enabled=false"], out)
+    return Path(train(cfg)["checkpoint"])
+
+
+def ldm_overrides(data_dir: Path, kl: Path) -> list[str]:
+    return [
+        "model=ldm",
+        f"paths.data_dir={data_dir.parent}",
+        f"data.train.emoji.shards={data_dir}/train",
+        f"data.val={data_dir}/val",
+        "data.build=null",
+        f"data.image_root={data_dir}",
+        "eval.n=32",
+        "data.decode.image_size=16",
+        "data.collator.batch_size=8",
+        "data.num_workers=0",
+        f"model.tokenizer_ckpt={kl}",
+        "model.net.dit.dim=32",
+        "model.net.dit.n_layers=2",
+        "model.net.dit.n_heads=2",
+        "model.net.dit.text_dim=32",
+        "model.net.dit.text_layers=1",
+        "model.net.dit.max_text_len=24",
+        "model.sampling.steps=4",
+        "model.sample_prompts=[twemoji dog face,openmoji pizza]",
+        "callbacks.progress=null",
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_codes(tiny_emoji, tiny_tokenizer, tmp_path_factory) -> Path:
     from unifuse.data.encode import encode_shards

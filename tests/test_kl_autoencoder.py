@@ -8,14 +8,9 @@ import math
 import pytest
 import torch
 
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, kl_overrides
 from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.kl_autoencoder import KLAutoencoder
-
-
-def kl_overrides(data_dir) -> list[str]:
-    over = [o for o in tiny_overrides(data_dir) if "quantizer" not in o]
-    return ["model=kl_autoencoder", *over, "model.net.latent_channels=4", "model.latent_stats_images=32"]
 
 
 @pytest.fixture(scope="module")

@@ -247,9 +247,11 @@ class FidelityEval(L.Callback):
                 except (ValueError, FileNotFoundError) as e:  # e.g. unlabelled data: no domain classes
                     log.warning("online evaluation off: cannot build the domain extractor (%s)", e)
             trainer.strategy.barrier()
-            if not Path(weights).is_file():
-                self.enabled = False
-                return
+        if self.cfg.extractor == "domain" and not (weights and Path(weights).is_file()):
+            log.warning("online evaluation off: no domain extractor (eval.domain_weights=%s; set data.image_root to "
+                        "labelled image shards to build one, or use eval.extractor=inception)", weights)
+            self.enabled = False
+            return
         if self.cfg.extractor == "inception":  # fail at start-up, not after an epoch of training
             from unifuse.eval.extractors import inception_weights
 
@@ -265,17 +267,21 @@ class FidelityEval(L.Callback):
             return
         if not trainer.is_global_zero:
             return
+        from lightning.pytorch.callbacks import WeightAveraging
+
         from unifuse.checkpoint import get_kind
         from unifuse.eval.fidelity import EVALUATORS, metric_name
 
         kind = get_kind(pl_module.kind)
+        # Lightning's weight averaging swaps the average in for validation (and back after the callbacks)
+        weights = "ema" if any(isinstance(c, WeightAveraging) for c in trainer.callbacks) else "raw"
         if kind.pipeline is None:  # autoencoders: reconstructions of the reference images
-            result = EVALUATORS[kind.task](pl_module.net, self.cfg)
+            result = EVALUATORS[kind.task](pl_module.net, self.cfg, weights=weights)
         else:  # generators: samples through the same pipeline the sampling CLI uses
             pipeline = pl_module.pipeline()
             if pipeline is None:
                 return
-            result = EVALUATORS[kind.task](pipeline, self.cfg)
+            result = EVALUATORS[kind.task](pipeline, self.cfg, weights=weights)
         self.last = result
         metrics = {metric_name(k, result["protocol"]) if k not in ("psnr", "ssim", "kid_std") else f"eval/{k}": v
                    for k, v in result["metrics"].items()}

@@ -66,6 +66,7 @@ register(Kind("vqvae", "unifuse.models.vqvae:VQVAE", "reconstruction"))
 register(Kind("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder", "reconstruction"))
 register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
 register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
+register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipeline:LatentDiffusionPipeline"))
 
 
 def _import(target: str):

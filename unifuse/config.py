@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from unifuse.eval.protocol import OnlineEvalConfig
 from unifuse.models.autoencoder import AutoencoderConfig
+from unifuse.models.dit import DiTConfig
 from unifuse.models.quantize import QuantizerConfig
 from unifuse.models.sampling import SamplingConfig
 from unifuse.models.transformer import TransformerConfig
@@ -138,6 +139,13 @@ def ckpt_tag(path: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def under(root: str | None, name: str, fallback: str | None = None) -> str | None:
+    """``root/name``, or ``fallback`` when ``root`` is null: where the evaluation finds its
+    reference images and domain extractor when the data config names an image root (``data=shards``
+    has none unless ``data.image_root`` is given; its reference split is then ``data.val``)."""
+    return fallback if root in (None, "") else f"{root}/{name}"
+
+
 # ----------------------------------------------------------------------------- the CLI apps' schemas
 # Sampling and evaluation fields left at ??? (MISSING) take the value stored in the checkpoint; a
 # value given on the command line overrides it (``cfg_scale=null``: no guidance).
@@ -149,6 +157,8 @@ class SamplingOverrides:
     top_k: int | None = MISSING
     top_p: float | None = MISSING
     steps: int | None = MISSING
+    sampler: str | None = MISSING
+    eta: float = MISSING
     seed: int = MISSING
 
 
@@ -241,10 +251,13 @@ def register() -> None:
         OmegaConf.register_new_resolver("unifuse.latest_ckpt", latest_checkpoint, use_cache=True)
         OmegaConf.register_new_resolver("unifuse.ckpt_tag", ckpt_tag, use_cache=True)
         OmegaConf.register_new_resolver("unifuse.wandb_run", wandb_run)
+    if not OmegaConf.has_resolver("unifuse.under"):
+        OmegaConf.register_new_resolver("unifuse.under", under)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="autoencoder", node=AutoencoderConfig)
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)
     cs.store(group="schema", name="transformer", node=TransformerConfig)
+    cs.store(group="schema", name="dit", node=DiTConfig)
     cs.store(group="schema", name="sampling", node=SamplingConfig)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)
     cs.store(name="sample_schema", node=SampleApp)

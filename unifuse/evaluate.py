@@ -47,11 +47,12 @@ def evaluate_checkpoint(ckpt_path: str | Path, tokenizer: str | None = None, dev
     if cfg.reference is None:
         raise ValueError("no reference set: pass reference=<image shards of the val split>")
     sampling = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SamplingOverrides)}}
+    weights = ck.meta.get("weights", "raw")  # ema: the checkpoint's weights are the EMA average
     if kind.pipeline is None:
-        result = EVALUATORS[kind.task](load_net(ck, device), cfg)
+        result = EVALUATORS[kind.task](load_net(ck, device), cfg, weights=weights)
     else:
         pipe, _ = load_pipeline(ck.path, tokenizer, device)
-        result = EVALUATORS[kind.task](pipe, cfg, **sampling)
+        result = EVALUATORS[kind.task](pipe, cfg, weights=weights, **sampling)
     result = {"checkpoint": str(ck.path), "kind": ck.kind, "epoch": ck.epoch, "step": ck.step,
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}

@@ -65,7 +65,10 @@ def extractor_setup(cfg: EvalConfig) -> tuple[str, str, str]:
     """(torch-fidelity extractor name, weights path, protocol id). Fails fast on missing weights."""
     if cfg.extractor == "domain":
         if not cfg.domain_weights or not Path(cfg.domain_weights).is_file():
-            raise FileNotFoundError(f"domain extractor weights not found: eval.domain_weights={cfg.domain_weights}")
+            raise FileNotFoundError(
+                f"domain extractor weights not found: eval.domain_weights={cfg.domain_weights} (build them with "
+                "`python -m unifuse.evaluate build-extractor shards=<labelled train shards> out=<file.pt>`, "
+                "or use extractor=inception with inception_weights=<file>)")
         return DOMAIN, cfg.domain_weights, f"domain-{file_hash(cfg.domain_weights)}"
     if cfg.extractor == "inception":
         path = inception_weights(cfg.inception_weights)
@@ -110,8 +113,13 @@ def _cache_key(protocol: dict) -> str:
 
 
 def protocol_parts(protocol: dict) -> list[str]:
-    """What names a result: extractor, n, and for generators guidance (``lin``: linear ramp) and steps."""
+    """What names a result: extractor, n, EMA weights, and for generators the diffusion sampler,
+    guidance (``lin``: linear ramp) and steps."""
     parts = [protocol["feature_extractor"], f"n{protocol['n']}"]
+    if protocol.get("weights") == "ema":
+        parts.append("ema")
+    if protocol.get("diffusion_sampler"):
+        parts.append(protocol["diffusion_sampler"])
     if protocol.get("cfg_scale") is not None:
         ramp = "lin" if protocol.get("cfg_schedule", "constant") == "linear" else ""
         parts.append(f"cfg{protocol['cfg_scale']}{ramp}")
@@ -168,6 +176,7 @@ def evaluate_generator(pipeline, cfg: EvalConfig, weights: str = "raw", **overri
         images.append(to_uint8(pipeline.generate(prompts, seed=cfg.seed + i, **sampling)))
     images = torch.cat(images)
     protocol = _protocol(cfg, len(ref), ref, task="text-to-image", weights=weights, sampler=pipeline.kind,
+                         diffusion_sampler=sampling.get("sampler"), eta=sampling.get("eta"),
                          cfg_scale=sampling.get("cfg_scale"), cfg_schedule=sampling.get("cfg_schedule", "constant"),
                          steps=sampling.get("steps"),
                          temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k"),

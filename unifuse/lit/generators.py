@@ -22,8 +22,16 @@ from unifuse.pipeline import TokenImagePipeline
 from unifuse.text.tokenizer import ByteTokenizer
 
 
-class TokenGeneratorModule(UnifuseModule):
-    def __init__(self, net: TokenImageModel, tokenizer_ckpt: str | None = None, optimizer=None, scheduler=None,
+class GeneratorModule(UnifuseModule):
+    """What every text-to-image generator module shares: a frozen image tokenizer / autoencoder
+    (loaded from ``tokenizer_ckpt`` and carried in the checkpoint), caption dropout for guidance,
+    stored sampling settings, the pipeline and the sample grid. Subclasses set ``tokenizer_kind``
+    and ``pipeline_class`` and check the tokenizer against their net."""
+
+    tokenizer_kind = "vqvae"
+    pipeline_class: type = TokenImagePipeline
+
+    def __init__(self, net, tokenizer_ckpt: str | None = None, optimizer=None, scheduler=None,
                  weight_decay: float = 0.1, cond: str = "text", p_uncond: float = 0.1,
                  sample_prompts: list | None = None, sampling: dict | None = None, seed: int = 0,
                  embed_tokenizer: bool = True):
@@ -31,46 +39,76 @@ class TokenGeneratorModule(UnifuseModule):
         if cond not in ("text", "class"):
             raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
         self.net, self.cond, self.p_uncond = net, cond, p_uncond
-        self.kind = net.kind
         self.tokenizer_ckpt = str(tokenizer_ckpt) if tokenizer_ckpt else None
         self.sample_prompts = list(sample_prompts or [])
         self.sampling = {k: v for k, v in dict(sampling or {}).items() if v is not None or k == "cfg_scale"}
         self.embed_tokenizer = embed_tokenizer
         self._rng = random.Random(seed)
-        self.tokenizer: VQVAE | None = None
+        self.tokenizer = None
         self._tokenizer_info: dict | None = None
         self._tokenizer_state: dict | None = None
+        self._weights = "raw"
+
+    def check_tokenizer(self, tok) -> None:
+        """Raise if the frozen tokenizer does not fit the net (e.g. codebook size, latent channels)."""
 
     def setup(self, stage: str) -> None:
         if self.tokenizer_ckpt and self.tokenizer is None:
-            tok = load_net(self.tokenizer_ckpt, expect="vqvae").to(self.device)
+            tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
             tok.requires_grad_(False)
+            self.check_tokenizer(tok)
             object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
-            if tok.codebook_size != self.net.vocab.image_codes:
-                raise ValueError(f"tokenizer {self.tokenizer_ckpt} has {tok.codebook_size} codes but "
-                                 f"model.net.vocab.image_codes is {self.net.vocab.image_codes}")
             self._tokenizer_info, self._tokenizer_state = tokenizer_entry(
-                tok, "vqvae", str(Path(self.tokenizer_ckpt).resolve()), self.embed_tokenizer)
+                tok, self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve()), self.embed_tokenizer)
 
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
-                "tokenizer": self._tokenizer_info}
+                "tokenizer": self._tokenizer_info, "weights": self._weights}
 
     def checkpoint_extras(self) -> dict:
         return {"unifuse_tokenizer": self._tokenizer_state} if self._tokenizer_state is not None else {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning's weight-averaging callback (called before this hook) stores the averaged weights
+        # as the state_dict and the raw ones beside them
+        self._weights = "ema" if "averaging_state" in checkpoint else "raw"
+        super().on_save_checkpoint(checkpoint)
+
+    def pipeline(self):
+        """Prompts -> images with the current weights (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        self.tokenizer.to(self.device)
+        return self.pipeline_class(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
+
+    def _conds(self, batch: dict, drop: float) -> list:
+        raw = batch["caption"] if self.cond == "text" else batch["cls"].tolist()
+        return [None if self._rng.random() < drop else c for c in raw]
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> dict:
+        pipe = self.pipeline()
+        if not self.sample_prompts or pipe is None:
+            return {}
+        images = pipe.generate([str(p) for p in self.sample_prompts])
+        return {"samples": (images, [str(p) for p in self.sample_prompts])}
+
+
+class TokenGeneratorModule(GeneratorModule):
+    def __init__(self, net: TokenImageModel, *args, **kwargs):
+        super().__init__(net, *args, **kwargs)
+        self.kind = net.kind
+
+    def check_tokenizer(self, tok: VQVAE) -> None:
+        if tok.codebook_size != self.net.vocab.image_codes:
+            raise ValueError(f"tokenizer {self.tokenizer_ckpt} has {tok.codebook_size} codes but "
+                             f"model.net.vocab.image_codes is {self.net.vocab.image_codes}")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: the stored vocabulary layout must be the configured one (ids mean the same)."""
         stored = (checkpoint.get("unifuse") or {}).get("config", {}).get("vocab")
         if stored:
             self.net.vocab.check_compatible(stored, "checkpoint being resumed")
-
-    def pipeline(self) -> TokenImagePipeline | None:
-        """Prompts -> images with the current weights (None without a tokenizer)."""
-        if self.tokenizer is None:
-            return None
-        self.tokenizer.to(self.device)
-        return TokenImagePipeline(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
 
     # ------------------------------------------------------------------ batches
     def _codes(self, batch: dict) -> torch.Tensor:
@@ -80,10 +118,6 @@ class TokenGeneratorModule(UnifuseModule):
             raise ValueError("batch has no pre-encoded codes and no tokenizer_ckpt is set to encode images")
         self.tokenizer.to(self.device)
         return self.tokenizer.encode(batch["image"]).flatten(1)
-
-    def _conds(self, batch: dict, drop: float) -> list:
-        raw = batch["caption"] if self.cond == "text" else batch["cls"].tolist()
-        return [None if self._rng.random() < drop else c for c in raw]
 
     def flops_per_batch(self, batch: dict) -> float:
         """Transformer training FLOPs (6N + attention) for the rows this batch makes."""
@@ -103,12 +137,3 @@ class TokenGeneratorModule(UnifuseModule):
         if "text_loss" in out and isinstance(self.net.text_tokenizer, ByteTokenizer):
             out["caption_bpb"] = out["text_loss"] / math.log(2)  # bits per byte of held-out captions
         self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=len(batch["caption"]))
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def log_images(self, batch: dict) -> dict:
-        pipe = self.pipeline()
-        if not self.sample_prompts or pipe is None:
-            return {}
-        images = pipe.generate([str(p) for p in self.sample_prompts])
-        return {"samples": (images, [str(p) for p in self.sample_prompts])}

@@ -20,7 +20,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    steps: int | None = None  # parallel decoding / sampler steps (MaskGIT)
+    steps: int | None = None  # parallel decoding steps (MaskGIT) / denoising steps (diffusion)
+    sampler: str | None = None  # diffusion: ddpm | ddim | dpmpp_2m (ddpm transport), euler | heun (flow)
+    eta: float = 0.0  # diffusion, ddim: 0 deterministic, 1 DDPM-like noise
     seed: int = 0
 
 

@@ -36,6 +36,7 @@ class TransformerConfig:
     dropout: float = 0.0  # on each residual branch's output while training (small-data regularizer)
     grad_checkpointing: bool = False
     attn_impl: str = "auto"  # auto (flex on CUDA, dense SDPA on CPU) | dense | flex
+    lm_head: bool = True  # false: an encoder giving hidden states only (e.g. the DiT's caption encoder)
 
     @property
     def head_dim(self) -> int:
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.lm_head else None
         self.apply(self._init)
         for layer in self.layers:  # scaled init of residual projections (GPT-2)
             for w in (layer.attn.wo.weight, layer.mlp.w2.weight):

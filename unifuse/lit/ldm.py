@@ -1,0 +1,77 @@
+"""LightningModule for latent diffusion: a DiT denoiser over the normalised latents of a frozen KL
+autoencoder (encoded on the fly from image batches; the posterior is sampled, as the autoencoder
+was trained), text or class conditioned with caption dropout for guidance. The transport (DDPM or
+flow matching), target and loss weighting are the net's ``diffusion`` config; the loss math is
+:mod:`unifuse.diffusion`'s. EMA weights come from Lightning's ``EMAWeightAveraging`` callback
+(``callbacks.ema``): it swaps them in for validation and stores them as the checkpoint's weights,
+which the checkpoint then says (``weights: ema``)."""
+
+from __future__ import annotations
+
+import torch
+
+from unifuse.lit.generators import GeneratorModule
+from unifuse.models.dit import DiT
+from unifuse.models.kl_autoencoder import KLAutoencoder
+from unifuse.pipeline import LatentDiffusionPipeline
+
+
+class LatentDiffusionModule(GeneratorModule):
+    kind = "ldm"
+    tokenizer_kind = "kl_autoencoder"
+    pipeline_class = LatentDiffusionPipeline
+
+    def __init__(self, net: DiT, *args, weight_decay: float = 0.0, **kwargs):
+        super().__init__(net, *args, weight_decay=weight_decay, **kwargs)
+
+    def check_tokenizer(self, tok: KLAutoencoder) -> None:
+        if not tok.has_latent_stats:
+            raise ValueError(f"{self.tokenizer_ckpt}: the autoencoder has no measured latent statistics; "
+                             "train it with model=kl_autoencoder (model.tokenizer_ckpt names it)")
+        if tok.latent_channels != self.net.cfg.latent_channels:
+            raise ValueError(f"model.tokenizer_ckpt={self.tokenizer_ckpt} has {tok.latent_channels} latent channels "
+                             f"but model.net.dit.latent_channels is {self.net.cfg.latent_channels}")
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("latent diffusion needs its autoencoder: set model.tokenizer_ckpt")
+        x = batch["image"]
+        self.tokenizer.to(x.device)
+        with torch.no_grad():
+            z = self.tokenizer.normalise(self.tokenizer.posterior(x).sample())
+        if tuple(z.shape[1:]) != self.net.latent_shape():
+            raise ValueError(f"images of {tuple(x.shape[-2:])} give latents {tuple(z.shape[1:])}, but the denoiser "
+                             f"takes {self.net.latent_shape()}: set model.net.dit.latent_size to "
+                             f"data.decode.image_size / {self.tokenizer.downsample_factor}")
+        return z
+
+    def _loss(self, batch: dict, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = self.latents(batch)
+        cond = self.net.encode_conditions(self._conds(batch, drop), z.device)
+        t = eps = None
+        if generator is not None:  # validation: the same times and noise every epoch
+            t = self.net.diffusion.sample_t(len(z), "cpu", generator).to(z.device)
+            eps = torch.randn(z.shape, generator=generator).to(z.device)
+        return self.net.diffusion.loss(lambda x, tt: self.net(x, tt, cond), z, t, eps).mean()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self._loss(batch, self.p_uncond)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite diffusion loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        g = torch.Generator().manual_seed(1000 + batch_idx)
+        self.log("val/loss", self._loss(batch, 0.0, g), sync_dist=True, batch_size=len(batch["image"]))
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Training FLOPs: the denoiser's forward counted by FlopCounterMode on one sample, x3."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        z = torch.zeros(1, *self.net.latent_shape(), device=self.device)
+        cond = self.net.encode_conditions(["x" * 16], self.device)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            self.net(z, torch.zeros(1, device=self.device, dtype=torch.long), cond)
+        return 3.0 * counter.get_total_flops() * len(batch["image"])

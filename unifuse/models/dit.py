@@ -1,0 +1,256 @@
+"""DiT (Peebles & Xie): a transformer denoiser over latent patches with adaLN-Zero conditioning,
+text-conditioned by joint attention.
+
+* Latents (B, C, H, W) are cut into p x p patches, projected to ``dim`` and run through blocks
+  whose attention and SwiGLU MLP are the shared backbone's (:mod:`unifuse.models.transformer`);
+  each block is modulated by adaLN-Zero: shift/scale before attention and MLP and a gate on each
+  residual branch, regressed from the conditioning vector and zero-initialised, so every block
+  starts as the identity. The final layer (adaLN + linear, zero-initialised) maps patches back.
+* Conditioning vector: timestep embedding (+ class embedding, + pooled text).
+* Text: the caption's tokens go through a small **bidirectional** text encoder (the shared
+  :class:`~unifuse.models.transformer.Transformer`, trained jointly), are projected to ``dim`` and
+  **attend jointly** with the image patches (one sequence, full attention; padding masked out by
+  ``doc_id = -1``). Joint attention rather than cross-attention: no second attention module, every
+  layer can route between text and image in both directions (SD3's MMDiT does the same), and it is
+  the layout Transfusion uses. Text tokens enter the DiT at rotary position (0, 0), i.e. unrotated:
+  their order is already in the encoder's states; patches use 2D (row, col) rotary positions.
+* An empty caption (``""`` or None) is the unconditional input for classifier-free guidance: the
+  encoder then sees only BOS.
+
+The network's output is whatever its ``diffusion`` config says it predicts (eps, v, x0 or a flow
+velocity), which is why that config is part of the net's own: a checkpoint knows how to be sampled.
+Times: integer DDPM timesteps, or flow times in [0, 1] scaled by 1000 before the embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from unifuse.diffusion import FlowMatching, GaussianDiffusion, NoiseSchedule
+from unifuse.models.attention import MaskSpec
+from unifuse.models.transformer import Attention, SwiGLU, Transformer, TransformerConfig, rope_angles
+from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
+from unifuse.text.vocab import VocabLayout
+
+
+@dataclass
+class DiffusionConfig:
+    """What the denoiser predicts and how noise is added (typed; stored with the net)."""
+
+    transport: str = "ddpm"  # ddpm (discrete Gaussian diffusion) | flow (flow matching)
+    schedule: str = "linear"  # ddpm: linear | scaled_linear | cosine
+    steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # ddpm: eps | v | x0 (flow: always the velocity)
+    weighting: str = "uniform"  # ddpm: uniform | min_snr
+    min_snr_gamma: float = 5.0
+    time_sampling: str = "logit_normal"  # flow: uniform | logit_normal
+    shift: float = 1.0  # flow: timestep shift (> 1 for larger images)
+
+    def build(self) -> GaussianDiffusion | FlowMatching:
+        if self.transport == "ddpm":
+            return GaussianDiffusion(NoiseSchedule(self.schedule, self.steps, self.beta_start, self.beta_end),
+                                     self.prediction, self.weighting, self.min_snr_gamma)
+        if self.transport == "flow":
+            return FlowMatching(self.time_sampling, shift=self.shift)
+        raise ValueError(f"diffusion.transport must be 'ddpm' or 'flow', not {self.transport!r}")
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 4
+    latent_size: int = 8  # latent height = width
+    patch_size: int = 2
+    dim: int = 384
+    n_layers: int = 12
+    n_heads: int = 6
+    mlp_hidden: int | None = None
+    qk_norm: bool = True
+    text_layers: int = 2  # bidirectional text encoder depth (0: no text conditioning)
+    text_dim: int = 256
+    text_heads: int = 4
+    max_text_len: int = 48
+    num_classes: int = 0  # > 0: class-conditional (class id instead of a caption)
+    attn_impl: str = "auto"
+    grad_checkpointing: bool = False
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    @property
+    def grid(self) -> int:
+        return self.latent_size // self.patch_size
+
+
+# name -> (n_layers, dim, n_heads): DiT's ladder (use with patch_size 2, 4 or 8) plus CPU sizes
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (4, 128, 4),
+    "mini": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+def dit_config(size: str, **overrides) -> DiTConfig:
+    """``dit_config("XL", patch_size=2)`` is DiT-XL/2."""
+    if size not in SIZES:
+        raise KeyError(f"unknown DiT size {size!r}; known: {', '.join(SIZES)}")
+    n_layers, dim, n_heads = SIZES[size]
+    return DiTConfig(n_layers=n_layers, dim=dim, n_heads=n_heads, **overrides)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + MLP of the shared backbone, with adaLN-Zero modulation."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.mlp = SwiGLU(cfg)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, angles, spec):
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, -1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1), angles, spec, None, 0, None)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), s2, sc2))
+
+
+class DiT(nn.Module):
+    def __init__(self, dit: DiTConfig, text_tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        cfg = dit
+        if cfg.latent_size % cfg.patch_size:
+            raise ValueError(f"latent_size {cfg.latent_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.diffusion = cfg.diffusion.build()
+        self.text_tokenizer = text_tokenizer or ByteTokenizer()
+        self.tcfg = TransformerConfig(vocab_size=1, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                      mlp_hidden=cfg.mlp_hidden, qk_norm=cfg.qk_norm, rope_2d=True,
+                                      attn_impl=cfg.attn_impl)
+        p, c = cfg.patch_size, cfg.latent_channels
+        self.patch_in = nn.Linear(c * p * p, cfg.dim)
+        self.t_mlp = nn.Sequential(nn.Linear(256, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(self.tcfg) for _ in range(cfg.n_layers))
+        self.norm_out = nn.RMSNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.patch_out = nn.Linear(cfg.dim, c * p * p)
+        for lin in (self.ada_out[1], self.patch_out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.vocab = VocabLayout(text_size=max(self.text_tokenizer.vocab_size, 1), num_classes=cfg.num_classes)
+        self.text = None
+        if cfg.text_layers > 0:
+            self.text = Transformer(TransformerConfig(vocab_size=self.vocab.size, dim=cfg.text_dim,
+                                                      n_layers=cfg.text_layers, n_heads=cfg.text_heads,
+                                                      max_seq_len=cfg.max_text_len + 1, attn_impl=cfg.attn_impl,
+                                                      lm_head=False))
+            self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
+            self.text_pool = nn.Linear(cfg.text_dim, cfg.dim)
+        if cfg.num_classes > 0:
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: unconditional
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        return {"dit": asdict(self.cfg), "text_tokenizer": self.text_tokenizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> DiT:
+        d = dict(config["dit"])
+        d["diffusion"] = DiffusionConfig(**d.get("diffusion") or {})
+        return cls(DiTConfig(**d), load_tokenizer(config.get("text_tokenizer")))
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.cfg.latent_channels, self.cfg.latent_size, self.cfg.latent_size
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_conditions(self, conds: list, device) -> dict:
+        """Captions (str; "" or None = unconditional) or class ids (int; None = unconditional) ->
+        the tensors :meth:`forward` takes; batch them along dim 0 (guidance concatenates two)."""
+        if self.cfg.num_classes > 0:
+            ids = [self.cfg.num_classes if c is None or c == "" else int(c) for c in conds]
+            return {"class_id": torch.tensor(ids, device=device)}
+        if self.text is None:
+            return {}
+        rows = [[self.vocab.bos, *(self.text_tokenizer.encode(c)[: self.cfg.max_text_len] if c else [])]
+                for c in conds]
+        n = self.cfg.max_text_len + 1  # fixed width: conditions of different batches concatenate
+        tokens = torch.full((len(rows), n), self.vocab.pad, dtype=torch.long)
+        doc = torch.full((len(rows), n), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+            doc[i, : len(r)] = 0
+        return {"text_tokens": tokens.to(device), "text_doc": doc.to(device)}
+
+    def _condition(self, t: torch.Tensor, cond: dict, b: int):
+        t = t * 1000.0 if t.is_floating_point() and isinstance(self.diffusion, FlowMatching) else t
+        c = self.t_mlp(timestep_embedding(t.expand(b), 256))
+        text = None
+        if "class_id" in cond:
+            c = c + self.class_emb(cond["class_id"])
+        elif "text_tokens" in cond:
+            doc = cond["text_doc"]
+            h = self.text.forward_hidden(self.text.tok_emb(cond["text_tokens"]), causal=False, doc_id=doc)
+            valid = (doc >= 0).unsqueeze(-1).to(h.dtype)
+            c = c + self.text_pool((h * valid).sum(1) / valid.sum(1).clamp_min(1))
+            text = (self.text_proj(h), doc)
+        return c, text
+
+    # ------------------------------------------------------------------ forward
+    def patchify(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        p = self.cfg.patch_size
+        return z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), -1)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, g, c = x.shape[0], self.cfg.patch_size, self.cfg.grid, self.cfg.latent_channels
+        return x.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        """z (B, C, H, W) noisy latents, t (B,) times, cond from :meth:`encode_conditions` ->
+        the prediction (B, C, H, W), in float32."""
+        b, g = z.shape[0], self.cfg.grid
+        c, text = self._condition(t, cond or {}, b)
+        x = self.patch_in(self.patchify(z.to(self.patch_in.weight.dtype)))
+        rows = torch.arange(g, device=z.device).repeat_interleave(g)
+        pos = torch.stack([rows, torch.arange(g, device=z.device).repeat(g)], -1).expand(b, g * g, 2)
+        doc = None
+        if text is not None:
+            th, tdoc = text
+            x = torch.cat([th, x], 1)
+            pos = torch.cat([torch.zeros(b, th.shape[1], 2, dtype=pos.dtype, device=z.device), pos], 1)
+            doc = torch.cat([tdoc, torch.zeros(b, g * g, dtype=tdoc.dtype, device=z.device)], 1)
+        angles = rope_angles(pos, self.tcfg.head_dim, self.tcfg.rope_theta, True)
+        spec = MaskSpec(False, doc, None)
+        for blk in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, c, angles, spec, use_reentrant=False)
+            else:
+                x = blk(x, c, angles, spec)
+        x = x[:, -g * g:]
+        shift, scale = self.ada_out(c).chunk(2, -1)
+        return self.unpatchify(self.patch_out(modulate(self.norm_out(x), shift, scale))).float()
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
