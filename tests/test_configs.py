@@ -39,7 +39,7 @@ def test_group_options_compose(group, option, tmp_path: Path):
     from hydra.utils import get_object
 
     extra = []
-    if (group, option) in {("model", "ar_gpt"), ("model", "maskgit"), ("data", "emoji_codes")}:
+    if (group, option) in {("model", "ar_gpt"), ("model", "maskgit"), ("model", "ldm"), ("data", "emoji_codes")}:
         (tmp_path / "tok.ckpt").write_bytes(b"x")  # generators and code shards name a tokenizer
         extra = [*(["model=ar_gpt"] if group == "data" else []), f"model.tokenizer_ckpt={tmp_path / 'tok.ckpt'}"]
     cfg = _compose([f"{group}={option}", *extra])

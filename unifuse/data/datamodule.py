@@ -165,8 +165,12 @@ class ShardDataModule(L.LightningDataModule):
             return []
         rank, world = self._rank()
         val = self._source("data.val", "val", self.val_spec)
-        stream = ShardStream([val], self.val_collator, self.decode, mode="epoch", batches_per_epoch=self.val_batches,
-                             shuffle=False, seed=self.seed, rank=rank, world_size=world)
+        try:
+            stream = ShardStream([val], self.val_collator, self.decode, mode="epoch",
+                                 batches_per_epoch=self.val_batches, shuffle=False, seed=self.seed, rank=rank,
+                                 world_size=world)
+        except ValueError as e:  # e.g. a validation split smaller than one batch
+            raise ValueError(f"validation shards data.val={self.val_spec!r}: {e} (or set data.val=null)") from None
         return self._loader(stream)
 
     # ------------------------------------------------------------------ device side

@@ -235,7 +235,10 @@ def write_pairs(images: str | Path, captions: str | Path | None = None, out: str
         if val_captions is not None:
             vpath = Path(val_captions)
             rows, cols = _read_rows(vpath)
-            col = _caption_column(vpath, cols, caption_column, ("caption", "text"))
+            # the named caption column if the list has it; a list without it (e.g. a .txt of file
+            # names) takes its captions from the main source
+            col = caption_column if caption_column in cols else (
+                None if caption_column else _caption_column(vpath, cols, None, ("caption", "text")))
             val_items = _row_items(rows, images, "", col, len(items))
         parts = split_items(items, val_fraction, val_items)
     else:
