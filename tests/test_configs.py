@@ -39,9 +39,12 @@ def test_group_options_compose(group, option, tmp_path: Path):
     from hydra.utils import get_object
 
     extra = []
-    if (group, option) in {("model", "ar_gpt"), ("model", "maskgit"), ("model", "ldm"), ("data", "emoji_codes")}:
-        (tmp_path / "tok.ckpt").write_bytes(b"x")  # generators and code shards name a tokenizer
-        extra = [*(["model=ar_gpt"] if group == "data" else []), f"model.tokenizer_ckpt={tmp_path / 'tok.ckpt'}"]
+    needs_tokenizer = {("model", "ar_gpt"), ("model", "maskgit"), ("model", "ldm"), ("data", "emoji_codes"),
+                       ("data", "emoji_latents")}
+    if (group, option) in needs_tokenizer:
+        (tmp_path / "tok.ckpt").write_bytes(b"x")  # generators and encoded shards name a tokenizer / autoencoder
+        model = {"emoji_codes": ["model=ar_gpt"], "emoji_latents": ["model=ldm"]}.get(option, [])
+        extra = [*model, f"model.tokenizer_ckpt={tmp_path / 'tok.ckpt'}"]
     cfg = _compose([f"{group}={option}", *extra])
     assert cfg.hydra.runtime.choices[group] == option
     node = cfg.hydra if group == "hydra" else cfg[group]

@@ -141,3 +141,37 @@ def test_ddp_two_processes_ldm(tiny_emoji, tiny_kl, tmp_path):
     assert len(dirs) == 1 and (dirs[0] / "checkpoints" / "last.ckpt").is_file()
     ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["unifuse"]["kind"] == "ldm" and ck["unifuse"]["weights"] == "ema"
+
+
+def test_latent_shards_train_the_same_model_and_a_mismatch_names_the_setting(tiny_emoji, tiny_kl, tmp_path):
+    """`unifuse.data encode` with a KL checkpoint writes float16 posterior mean + std; an ldm run
+    trains from them (sampling the posterior), and shards of another latent shape are refused."""
+    from collections import Counter
+
+    import numpy as np
+
+    from unifuse.data.encode import encode_shards
+    from unifuse.data.samples import DecodeConfig, decode_sample
+    from unifuse.data.shards import expand_shards
+    from unifuse.data.stream import _raw_samples
+    from unifuse.models.kl_autoencoder import load_kl_autoencoder
+    from unifuse.train import train
+
+    out = tmp_path / "latents"
+    encode_shards(tiny_kl, tiny_emoji, out, batch_size=16)
+    raw = next(_raw_samples(expand_shards(str(out / "val"))[0], 0, None, Counter()))
+    s = decode_sample(raw, DecodeConfig(), Counter())
+    assert s.codes.dtype == np.float16 and s.codes.shape == (8, 8, 8) and s.text
+    ae = load_kl_autoencoder(tiny_kl)
+    img = next(x for x in _raw_samples(expand_shards(str(tiny_emoji / "val"))[0], 0, None, Counter())
+               if x["__key__"] == raw["__key__"])
+    x = torch.from_numpy(decode_sample(img, DecodeConfig(), Counter()).images[0]).permute(2, 0, 1)[None]
+    q = ae.posterior(x.float() / 127.5 - 1)
+    torch.testing.assert_close(torch.from_numpy(s.codes[:4]).float(), q.mean[0], atol=2e-2, rtol=1e-2)
+    over = [o for o in ldm_overrides(tiny_emoji, tiny_kl) if not o.startswith(("data.train", "data.val"))]
+    over += [f"data.train.emoji.shards={out}/train", f"data.val={out}/val", "trainer=debug_limit", "logger=none",
+             "trainer.max_epochs=1", "callbacks.fidelity.enabled=false"]
+    r = train(compose_cfg(over, tmp_path / "run"))
+    assert torch.isfinite(torch.tensor(r["metrics"]["train/loss"]))
+    with pytest.raises(ValueError, match="latent_size"):
+        train(compose_cfg(over + ["model.net.dit.latent_size=4"], tmp_path / "bad"))

@@ -60,7 +60,11 @@ class ImageCollator:
                 raise ValueError(f"images of different sizes {shapes}: set data.image_size")
             batch["image"] = torch.from_numpy(np.stack([s.images[0] for s in items])).permute(0, 3, 1, 2)
         if all(s.codes is not None for s in items):
-            batch["codes"] = torch.from_numpy(np.stack([s.codes for s in items]).astype(np.int64))
+            arr = np.stack([s.codes for s in items])
+            if np.issubdtype(arr.dtype, np.floating):  # KL latents (mean and std on channels)
+                batch["latents"] = torch.from_numpy(arr.astype(np.float32))
+            else:
+                batch["codes"] = torch.from_numpy(arr.astype(np.int64))
         return batch
 
 

@@ -1,7 +1,14 @@
-"""Pre-encoding image shards into code shards with a trained VQ-VAE tokenizer, so generators
-train without running the tokenizer each step (as LlamaGen does). Output samples keep the
-caption/cls/json and carry the codes as ``KEY.npy`` (int16 when the codebook allows). The codes
-are written into a partial directory next to ``out`` and moved into place when complete."""
+"""Pre-encoding image shards with a trained autoencoder, so generators train without running it
+each step (as LlamaGen does for codes and latent-diffusion recipes do for latents). Output samples
+keep the caption/cls/json and carry ``KEY.npy``:
+
+* VQ-VAE tokenizer: the code indices (h, w), int16 when the codebook allows;
+* KL autoencoder: float16 (2C, h, w), the posterior mean stacked on its std (raw, not normalised),
+  so training samples the posterior as it would on the fly, and normalises with the checkpoint's
+  own latent statistics.
+
+Everything is written into a partial directory next to ``out`` and moved into place when complete;
+``_encoded_with.json`` records the checkpoint, and pairing the shards with another one is an error."""
 
 from __future__ import annotations
 
@@ -13,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unifuse.checkpoint import load_net
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
 from unifuse.data.shards import ShardWriter, Staging, expand_shards, shard_counts
 from unifuse.data.stream import _raw_samples
-from unifuse.models.vqvae import load_vqvae
 
 STAMP = "_encoded_with.json"
 
@@ -29,8 +36,11 @@ def _splits(src: Path) -> list[tuple[str, Path]]:
 def encode_shards(tokenizer: str | Path, src: str | Path, out: str | Path, batch_size: int = 256,
                   shard_size: int = 10_000, device: str = "cpu", image_size: int | None = None) -> dict:
     tokenizer, src, out = Path(tokenizer), Path(src), Path(out)
-    net = load_vqvae(tokenizer, map_location=device).to(device)
-    dtype = np.int16 if net.codebook_size <= np.iinfo(np.int16).max else np.int32
+    net = load_net(tokenizer, map_location=device, expect=("vqvae", "kl_autoencoder")).to(device)
+    if hasattr(net, "codebook_size"):
+        dtype = np.int16 if net.codebook_size <= np.iinfo(np.int16).max else np.int32
+    else:
+        dtype = np.float16
     splits = _splits(src)
     with Staging(out, [split for split, _ in splits], allowed=(STAMP,)) as staging:
         result = _encode_splits(net, dtype, tokenizer, src, splits, staging, batch_size, shard_size, device,
@@ -49,13 +59,19 @@ def _encode_splits(net, dtype, tokenizer: Path, src: Path, splits: list[tuple[st
         total = sum(shard_counts(paths))
         stats: Counter = Counter()
         cfg = DecodeConfig(image_size=image_size, require_image=True)
-        with ShardWriter(staging.path(split), prefix="codes", max_samples=shard_size) as w:
+        prefix = "latents" if dtype == np.float16 else "codes"
+        with ShardWriter(staging.path(split), prefix=prefix, max_samples=shard_size) as w:
             pending: list = []
 
             def flush():
                 x = torch.from_numpy(np.stack([s.images[0] for s in pending])).permute(0, 3, 1, 2)
                 x = x.float().div(127.5).sub(1).to(device)
-                codes = net.encode(x).cpu().numpy().astype(dtype)
+                if dtype == np.float16:  # KL autoencoder: posterior mean and std, stacked on channels
+                    with torch.no_grad():
+                        q = net.posterior(x)
+                    codes = torch.cat([q.mean, q.std], 1).cpu().numpy().astype(dtype)
+                else:
+                    codes = net.encode(x).cpu().numpy().astype(dtype)
                 for s, c in zip(pending, codes):
                     members = {"npy": c, "json": {**s.meta, "tokenizer": str(tokenizer)}}
                     if s.text:

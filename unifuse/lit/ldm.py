@@ -33,8 +33,19 @@ class LatentDiffusionModule(GeneratorModule):
                              f"but model.net.dit.latent_channels is {self.net.cfg.latent_channels}")
 
     def latents(self, batch: dict) -> torch.Tensor:
+        """Normalised latents of a batch: from latent shards (posterior mean and std, sampled here) or
+        encoded from images by the frozen autoencoder."""
         if self.tokenizer is None:
             raise ValueError("latent diffusion needs its autoencoder: set model.tokenizer_ckpt")
+        if "latents" in batch:
+            stored = batch["latents"]
+            c, want = stored.shape[1] // 2, self.net.latent_shape()
+            if stored.shape[1] != 2 * want[0] or tuple(stored.shape[2:]) != want[1:]:
+                raise ValueError(f"latent shards hold {tuple(stored.shape[1:])} (mean and std stacked), but the "
+                                 f"denoiser takes {want}: re-encode them with model.tokenizer_ckpt, or set "
+                                 "model.net.dit.latent_channels / latent_size to match")
+            mean, std = stored[:, :c].float(), stored[:, c:].float()
+            return self.tokenizer.normalise(mean + std * torch.randn_like(std))
         x = batch["image"]
         self.tokenizer.to(x.device)
         with torch.no_grad():
@@ -54,16 +65,19 @@ class LatentDiffusionModule(GeneratorModule):
             eps = torch.randn(z.shape, generator=generator).to(z.device)
         return self.net.diffusion.loss(lambda x, tt: self.net(x, tt, cond), z, t, eps).mean()
 
+    def _batch_size(self, batch: dict) -> int:
+        return len(batch["latents"] if "latents" in batch else batch["image"])
+
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._loss(batch, self.p_uncond)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite diffusion loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
         g = torch.Generator().manual_seed(1000 + batch_idx)
-        self.log("val/loss", self._loss(batch, 0.0, g), sync_dist=True, batch_size=len(batch["image"]))
+        self.log("val/loss", self._loss(batch, 0.0, g), sync_dist=True, batch_size=self._batch_size(batch))
 
     def flops_per_batch(self, batch: dict) -> float:
         """Training FLOPs: the denoiser's forward counted by FlopCounterMode on one sample, x3."""
@@ -74,4 +88,4 @@ class LatentDiffusionModule(GeneratorModule):
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             self.net(z, torch.zeros(1, device=self.device, dtype=torch.long), cond)
-        return 3.0 * counter.get_total_flops() * len(batch["image"])
+        return 3.0 * counter.get_total_flops() * self._batch_size(batch)
