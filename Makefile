@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/emoji32/train/_index.json
 ARGS   ?=
 
-.PHONY: help setup data train train-ar train-maskgit test bench lint clean
+.PHONY: help setup data train train-ar train-maskgit test bench lint mutation clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ bench: setup data  ## run the benchmarks under experiments/bench and print their
 
 lint: setup  ## ruff
 	$(BIN)/ruff check unifuse tests experiments
+
+mutation: setup  ## mutation-test attention/transformer/maskgit/stream ([tool.mutmut]; slow, not in `make test`)
+	@# one torch thread per worker: mutmut's timeout is a CPU-time limit, which intra-op threads would eat
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $${JOBS:-$$(nproc)} $(ARGS)
+	@echo "survivors (inspect one with: $(BIN)/mutmut show NAME):"
+	@$(BIN)/mutmut results
 
 clean:  ## remove run outputs (keeps .venv and data/)
 	rm -rf outputs multirun wandb lightning_logs

@@ -71,8 +71,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=4096)
 
-    e = sub.add_parser("encode", help="pre-encode image shards into VQ code shards (.npy)", allow_abbrev=False)
-    e.add_argument("--tokenizer", required=True, help="VQ-VAE checkpoint")
+    e = sub.add_parser("encode", help="pre-encode image shards into VQ code or KL latent shards (.npy)",
+                       allow_abbrev=False)
+    e.add_argument("--tokenizer", required=True, help="VQ-VAE or KL autoencoder checkpoint")
     e.add_argument("--src", required=True, help="image shards (a dir with train/ and val/, or one dir)")
     e.add_argument("--out", required=True)
     e.add_argument("--batch-size", type=int, default=256)
