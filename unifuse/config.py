@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from unifuse.eval.protocol import OnlineEvalConfig
 from unifuse.models.autoencoder import AutoencoderConfig
+from unifuse.models.discriminator import AdversarialConfig
 from unifuse.models.dit import DiTConfig
 from unifuse.models.quantize import QuantizerConfig
 from unifuse.models.sampling import SamplingConfig
@@ -258,6 +259,7 @@ def register() -> None:
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)
     cs.store(group="schema", name="transformer", node=TransformerConfig)
     cs.store(group="schema", name="dit", node=DiTConfig)
+    cs.store(group="schema", name="adversarial", node=AdversarialConfig)
     cs.store(group="schema", name="sampling", node=SamplingConfig)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)
     cs.store(name="sample_schema", node=SampleApp)

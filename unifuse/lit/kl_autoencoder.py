@@ -19,28 +19,25 @@ from unifuse.models.kl_autoencoder import KLAutoencoder
 class KLAutoencoderModule(ReconstructionModule):
     kind = "kl_autoencoder"
 
-    def __init__(self, net: KLAutoencoder, optimizer=None, scheduler=None, weight_decay: float = 0.0,
-                 recon_loss: str = "l1", kl_weight: float = 1e-6, latent_stats_images: int = 4096,
-                 num_log_images: int = 16):
-        super().__init__(net, optimizer, scheduler, weight_decay, recon_loss, num_log_images)
+    def __init__(self, net: KLAutoencoder, *args, kl_weight: float = 1e-6, latent_stats_images: int = 4096,
+                 **kwargs):
+        super().__init__(net, *args, **kwargs)
         self.kl_weight, self.latent_stats_images = float(kl_weight), int(latent_stats_images)
         self._window: deque[torch.Tensor] = deque()
 
-    def _step(self, batch: dict):
-        x = batch["image"]
+    def bottleneck(self, x: torch.Tensor):
         recon, kl, q = self.net(x)
-        rec = self.reconstruction_loss(recon, x)
         # KL summed over the latent and divided by the pixel count: the ratio of latent-diffusion's
         # sum-reduced losses, with the reconstruction averaged per pixel
         kl = kl.mean() / x[0].numel()
-        return x, recon, q, rec, kl
+        logs = {"kl": kl}
+        if not self.training:
+            z = self.net.normalise(q.mean) if self.net.has_latent_stats else q.mean
+            logs.update(latent_std=z.std(), latent_mean=z.mean())
+        return recon, self.kl_weight * kl, logs, q.mean.detach()
 
-    def training_step(self, batch: dict, batch_idx: int):
-        x, recon, q, rec, kl = self._step(batch)
-        loss = rec + self.kl_weight * kl
-        self._track_latents(q.mean.detach())
-        self.log_dict({"train/loss": loss, "train/recon": rec, "train/kl": kl}, prog_bar=True, batch_size=x.shape[0])
-        return loss
+    def after_train_step(self, mean: torch.Tensor) -> None:
+        self._track_latents(mean)
 
     @torch.no_grad()
     def _track_latents(self, mean: torch.Tensor) -> None:
@@ -55,11 +52,3 @@ class KLAutoencoderModule(ReconstructionModule):
             self._window.popleft()
         count, s, s2, n = torch.stack(list(self._window)).sum(0).tolist()
         self.net.set_latent_stats(count, s, s2, int(n))
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        x, recon, q, rec, kl = self._step(batch)
-        self.update_image_metrics(recon, x)
-        z = self.net.normalise(q.mean) if self.net.has_latent_stats else q.mean
-        self.log_dict({"val/loss": rec + self.kl_weight * kl, "val/recon": rec, "val/kl": kl,
-                       "val/latent_std": z.std(), "val/latent_mean": z.mean()},
-                      sync_dist=True, batch_size=x.shape[0], prog_bar=True)
