@@ -264,3 +264,41 @@ def test_packing_collator_image_placeholders():
     assert b["image"].shape == (1, 3, 8, 8)
     assert b["image_pos"].tolist() == [[0, 2, 4]]  # image first (captioning order): BOS BOI [4] EOI
     assert b["modality"][0, 2:6].eq(IMAGE).all()
+
+
+@pytest.mark.timeout(120)
+def test_a_collator_that_refuses_everything_is_an_error_not_a_hang(tmp_path: Path):
+    """Text-only samples for an image model: every sample is refused; the stream says so instead of
+    re-reading its slice for ever."""
+    with ShardWriter(tmp_path / "text", prefix="t") as w:
+        for i in range(6):
+            w.write(f"k{i}", {"txt": f"caption {i}"})
+    for mode in ("epoch", "resampled"):
+        stream = ShardStream([Source("text", str(tmp_path / "text"))], ImageCollator(2), DecodeConfig(), mode=mode,
+                             batches_per_epoch=2, rank=0, world_size=1)
+        with pytest.raises(RuntimeError, match="refused"):
+            list(stream)
+
+
+@pytest.mark.timeout(120)
+def test_resampled_mode_takes_small_sources_and_stops_on_undecodable_data(tmp_path: Path):
+    with ShardWriter(tmp_path / "one", prefix="o") as w:
+        w.write("only", {"png": _png_bytes(), "txt": "the only sample"})
+    for rank in (0, 1):  # fewer samples than ranks: fine when shards are drawn at random
+        stream = ShardStream([Source("one", str(tmp_path / "one"))], ImageCollator(2), DecodeConfig(),
+                             mode="resampled", batches_per_epoch=2, rank=rank, world_size=2)
+        batches = list(stream)
+        assert len(batches) == 2 and all(b["key"] == ["only", "only"] for b in batches)
+    with ShardWriter(tmp_path / "bad", prefix="b") as w:
+        for i in range(3):
+            w.write(f"b{i}", {"png": b"not a png", "txt": "broken"})
+    stream = ShardStream([Source("bad", str(tmp_path / "bad"))], ImageCollator(2), DecodeConfig(), mode="resampled",
+                         batches_per_epoch=1, rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        list(stream)
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -303,7 +303,8 @@ class ShardStream(IterableDataset):
         self.num_batches = self._plan_batches(batches_per_epoch)
         # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
         self.quotas = _quotas(self.num_batches * collator.batch_size, [s.weight for s in sources])
-        self.plans = [_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
+        self.plans = ([_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
+                      if mode == "epoch" else [])  # resampled mode draws shards at random: no per-rank slices
 
     # ------------------------------------------------------------------ planning
     def per_rank(self, source: Source) -> int:
@@ -396,6 +397,9 @@ class ShardStream(IterableDataset):
                 yield sample, label
 
     def _resampled_source(self, src: Source, rng: random.Random, stats: Counter) -> Iterator:
+        if all(c == 0 for c in src.counts):
+            raise RuntimeError(f"source {src.name!r} has no samples")
+        empty = 0  # shards read in a row that gave no usable sample
         while True:
             got = 0
             si = rng.randrange(len(src.shards))
@@ -403,8 +407,10 @@ class ShardStream(IterableDataset):
             for sample in _shuffled(self._decoded(raw, stats), self.shuffle_buffer, rng):
                 got += 1
                 yield sample
-            if got == 0 and all(c == 0 for c in src.counts):
-                raise RuntimeError(f"source {src.name!r} has no samples")
+            empty = 0 if got else empty + 1
+            if empty >= max(10, 2 * len(src.shards)):
+                raise RuntimeError(f"no usable samples in source {src.name!r} after {empty} shard reads in a row; "
+                                   f"skip counts so far: {dict(stats)}")
 
     def _resampled_samples(self, rng: random.Random, stats: Counter) -> Iterator:
         """Samples drawn from source s with probability weight_s / sum(weights)."""
@@ -441,11 +447,19 @@ class ShardStream(IterableDataset):
         else:
             samples = self._resampled_samples(rng, stats)
         collator = self.collator.fresh()
-        made = 0
+        made, rejected = 0, 0
+        limit = 2 * sum(s.total for s in self.sources) + 100  # every readable sample refused, twice over
         while made < mine:
             reason = collator.add(next(samples))
             if reason:
                 stats[reason] += 1
+                rejected += 1
+                if rejected > limit:
+                    raise RuntimeError(f"the collator refused {rejected} samples in a row ({dict(stats)}): none of "
+                                       f"this data fits it (e.g. text-only samples for an image model, documents "
+                                       f"longer than the row); check the data sources and data.collator")
+            else:
+                rejected = 0
             while collator.ready() and made < mine:
                 batch = collator.pop()
                 batch["data_stats"] = dict(stats)
