@@ -43,8 +43,8 @@ def compose_cfg(overrides: list[str], out_dir: Path, data_dir: Path | None = Non
     return cfg
 
 
-def tiny_overrides(data_dir: Path) -> list[str]:
-    """Shrink the default VQ-VAE + emoji config to something that trains in seconds."""
+def tiny_data_overrides(data_dir: Path) -> list[str]:
+    """The tiny emoji set at 16x16, batch 8, in-process loading, no progress bar."""
     return [
         f"paths.data_dir={data_dir.parent}",
         f"data.train.emoji.shards={data_dir}/train",
@@ -55,11 +55,17 @@ def tiny_overrides(data_dir: Path) -> list[str]:
         "data.decode.image_size=16",
         "data.collator.batch_size=8",
         "data.num_workers=0",
+        "callbacks.progress=null",
+    ]
+
+
+def tiny_overrides(data_dir: Path) -> list[str]:
+    """Shrink the default VQ-VAE + emoji config to something that trains in seconds."""
+    return tiny_data_overrides(data_dir) + [
         "model.net.autoencoder.channels=8",
         "model.net.autoencoder.ch_mult=[1,2]",
         "model.net.autoencoder.z_channels=8",
         "model.net.quantizer.codebook_size=32",
-        "callbacks.progress=null",
     ]
 
 
@@ -96,28 +102,10 @@ def tiny_kl(tiny_emoji, tmp_path_factory) -> Path:
 
 
 def ldm_overrides(data_dir: Path, kl: Path) -> list[str]:
-    return [
-        "model=ldm",
-        f"paths.data_dir={data_dir.parent}",
-        f"data.train.emoji.shards={data_dir}/train",
-        f"data.val={data_dir}/val",
-        "data.build=null",
-        f"data.image_root={data_dir}",
-        "eval.n=32",
-        "data.decode.image_size=16",
-        "data.collator.batch_size=8",
-        "data.num_workers=0",
-        f"model.tokenizer_ckpt={kl}",
-        "model.net.dit.dim=32",
-        "model.net.dit.n_layers=2",
-        "model.net.dit.n_heads=2",
-        "model.net.dit.text_dim=32",
-        "model.net.dit.text_layers=1",
-        "model.net.dit.max_text_len=24",
-        "model.sampling.steps=4",
-        "model.sample_prompts=[twemoji dog face,openmoji pizza]",
-        "callbacks.progress=null",
-    ]
+    return ["model=ldm", *tiny_data_overrides(data_dir), f"model.tokenizer_ckpt={kl}", "model.net.dit.dim=32",
+            "model.net.dit.n_layers=2", "model.net.dit.n_heads=2", "model.net.dit.text_dim=32",
+            "model.net.dit.text_layers=1", "model.net.dit.max_text_len=24", "model.sampling.steps=4",
+            "model.sample_prompts=[twemoji dog face,openmoji pizza]"]
 
 
 @pytest.fixture(scope="session")

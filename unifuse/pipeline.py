@@ -12,18 +12,36 @@ import torch
 from torch import nn
 
 
-class TokenImagePipeline:
-    """A discrete-token generator (``generate(conds, **sampling) -> codes``) + its VQ tokenizer."""
+class Pipeline:
+    """What every pipeline holds: the net, the image tokenizer / autoencoder that decodes its
+    output, the conditioning type and the stored sampling settings."""
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
         if cond not in ("text", "class"):
             raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
+        self.net, self.tokenizer, self.cond = net, tokenizer, cond
+        self.sampling = dict(sampling or {})
+
+    def conditions(self, prompts: list) -> list:
+        """Prompt strings -> the net's conditions (class-conditional nets take integers); an empty
+        prompt or None is the unconditional branch."""
+        return [None if p is None or p == "" else (int(p) if self.cond == "class" else p) for p in prompts]
+
+    def to(self, device):
+        self.net.to(device)
+        self.tokenizer.to(device)
+        return self
+
+
+class TokenImagePipeline(Pipeline):
+    """A discrete-token generator (``generate(conds, **sampling) -> codes``) + its VQ tokenizer."""
+
+    def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
+        super().__init__(net, tokenizer, cond, sampling)
         codes = getattr(tokenizer, "codebook_size", None)
         if codes is not None and codes != net.vocab.image_codes:
             raise ValueError(f"the image tokenizer has {codes} codes but the generator's vocabulary has "
                              f"{net.vocab.image_codes} image codes: pass the tokenizer it was trained with")
-        self.net, self.tokenizer, self.cond = net, tokenizer, cond
-        self.sampling = dict(sampling or {})
 
     @property
     def kind(self) -> str:
@@ -32,16 +50,6 @@ class TokenImagePipeline:
     def settings(self, **overrides) -> dict:
         """The stored sampling settings with ``overrides`` applied, reduced to what this net takes."""
         return self.net.sampling_kwargs({**self.sampling, **overrides})
-
-    def conditions(self, prompts: list) -> list:
-        """Prompt strings -> the net's conditions (class-conditional nets take integers); an empty
-        prompt or None is the unconditional branch."""
-        return [None if p is None or p == "" else (int(p) if self.cond == "class" else p) for p in prompts]
-
-    def to(self, device) -> TokenImagePipeline:
-        self.net.to(device)
-        self.tokenizer.to(device)
-        return self
 
     @torch.no_grad()
     def generate(self, prompts: list, **overrides) -> torch.Tensor:
@@ -56,7 +64,7 @@ class TokenImagePipeline:
         return self.tokenizer.decode(codes).clamp(-1, 1)
 
 
-class LatentDiffusionPipeline:
+class LatentDiffusionPipeline(Pipeline):
     """A latent denoiser (``unifuse.models.dit.DiT``: its diffusion config says what it predicts) +
     the KL autoencoder whose normalised latents it was trained on. Sampling: noise -> any sampler of
     :mod:`unifuse.diffusion` -> ``decode_latents``, with classifier-free guidance batched."""
@@ -64,14 +72,11 @@ class LatentDiffusionPipeline:
     SETTINGS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "eta", "seed", "progress")
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
-        if cond not in ("text", "class"):
-            raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
+        super().__init__(net, tokenizer, cond, sampling)
         channels = getattr(tokenizer, "latent_channels", None)
         if channels != net.cfg.latent_channels:
             raise ValueError(f"the autoencoder has {channels} latent channels but the denoiser was trained on "
                              f"{net.cfg.latent_channels}: pass the autoencoder it was trained with (tokenizer=...)")
-        self.net, self.tokenizer, self.cond = net, tokenizer, cond
-        self.sampling = dict(sampling or {})
 
     @property
     def kind(self) -> str:
@@ -83,14 +88,6 @@ class LatentDiffusionPipeline:
         s["sampler"] = s.get("sampler") or default
         s["steps"] = s.get("steps") or (50 if s["sampler"] in ("ddim", "dpmpp_2m", "euler", "heun") else 1000)
         return s
-
-    def conditions(self, prompts: list) -> list:
-        return [None if p is None or p == "" else (int(p) if self.cond == "class" else p) for p in prompts]
-
-    def to(self, device) -> LatentDiffusionPipeline:
-        self.net.to(device)
-        self.tokenizer.to(device)
-        return self
 
     @torch.no_grad()
     def latents(self, prompts: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,

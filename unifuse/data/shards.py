@@ -393,10 +393,8 @@ def count_stream_samples(url: str) -> tuple[int, bool]:
             while (info := tar.next()) is not None:
                 tar.members = []
                 end, last_started_key = info.offset_data + info.size, False
-                if not info.isreg():
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is None or os.path.basename(info.name).startswith("__"):
+                prefix = _sample_key(info)
+                if prefix is None:
                     continue
                 if prefix != last:
                     n, last, last_started_key = n + 1, prefix, True
@@ -439,6 +437,17 @@ def count_stream_samples(url: str) -> tuple[int, bool]:
 
 
 # ----------------------------------------------------------------------------- counting
+def _sample_key(info: tarfile.TarInfo) -> str | None:
+    """The sample a tar member belongs to (webdataset's grouping by key), or None for members that
+    are not sample data (directories, links, ``__``-prefixed files)."""
+    if not info.isreg():
+        return None
+    prefix, _ = base_plus_ext(info.name)
+    if prefix is None or os.path.basename(info.name).startswith("__"):
+        return None
+    return prefix
+
+
 def count_tar_samples(path: str | Path) -> tuple[int, bool]:
     """(number of samples (distinct consecutive keys), whether the tar is damaged).
 
@@ -451,10 +460,8 @@ def count_tar_samples(path: str | Path) -> tuple[int, bool]:
                 if info.offset_data + info.size > size:  # member data cut off: a torn last sample
                     damaged = True
                     break
-                if not info.isreg():
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is None or os.path.basename(info.name).startswith("__"):
+                prefix = _sample_key(info)
+                if prefix is None:
                     continue
                 if prefix != last:
                     n, last = n + 1, prefix
