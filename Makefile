@@ -38,6 +38,8 @@ bench: setup data  ## run the benchmarks under experiments/bench and print their
 	$(BIN)/python experiments/bench/loader.py
 	$(BIN)/python experiments/bench/vqvae.py
 	$(BIN)/python experiments/bench/transformer.py
+	$(BIN)/python experiments/bench/streams.py
+	$(BIN)/python experiments/bench/diffusion.py
 
 lint: setup  ## ruff
 	$(BIN)/ruff check unifuse tests experiments
