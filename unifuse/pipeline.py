@@ -105,8 +105,10 @@ class LatentDiffusionPipeline(Pipeline):
         smp = make_sampler(sampler, net.diffusion, int(steps), **opts)
         gens = row_generators(seed, b, dev)
         x = randn_like(torch.empty(b, *net.latent_shape(), device=dev), gens)
-        cond = net.encode_conditions(conds, dev)
-        uncond = net.encode_conditions([None] * b, dev) if cfg_scale is not None else None
+        # cond and uncond rows encoded together (one width), the caption encoder run once for all steps
+        both = net.text_states(net.encode_conditions(conds + ([None] * b if cfg_scale is not None else []), dev))
+        cond = {k: v[:b] for k, v in both.items()}
+        uncond = {k: v[b:] for k, v in both.items()} if cfg_scale is not None else None
         calls = int(steps) * (2 if sampler == "heun" else 1)
         model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
         return smp.run(model, x, generator=gens)

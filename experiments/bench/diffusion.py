@@ -65,7 +65,7 @@ def mfu(width: int, layers: int, batch: int, steps: int) -> None:
         net.diffusion.loss(lambda x, t: net(x, t, cond), z).mean().backward()
     flops = counter.get_total_flops()  # forward + backward as executed
     dt = timed(step, steps)
-    seq = (32 // 2) ** 2 + 49
+    seq = (32 // 2) ** 2 + cond["text_tokens"].shape[1]
     hidden = net.tcfg.hidden
     a, w = torch.randn(batch * seq, width), torch.randn(width, 2 * hidden)
     g = timed(lambda: a @ w, 20)
@@ -82,8 +82,8 @@ def guidance_and_samplers(width: int, layers: int, n: int, quick: bool) -> None:
             if p.dim() > 1:
                 p.normal_(0, 0.05)
     conds = captions(n)
-    cond = net.encode_conditions(conds, "cpu")
-    uncond = net.encode_conditions([None] * n, "cpu")
+    both = net.text_states(net.encode_conditions(conds + [None] * n, "cpu"))  # as the pipeline does
+    cond, uncond = ({k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()})
     x = torch.randn(n, 4, 8, 8)
     steps = 10 if quick else 20
 

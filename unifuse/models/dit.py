@@ -184,7 +184,10 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ conditioning
     def encode_conditions(self, conds: list, device) -> dict:
         """Captions (str; "" or None = unconditional) or class ids (int; None = unconditional) ->
-        the tensors :meth:`forward` takes; batch them along dim 0 (guidance concatenates two)."""
+        the tensors :meth:`forward` takes, batched along dim 0. Captions are padded to the longest
+        in the list (padding is masked out, so a caption gives the same output whatever it is
+        batched with): encode the conditional and unconditional rows of guidance in one call so
+        they share a width."""
         if self.cfg.num_classes > 0:
             ids = [self.cfg.num_classes if c is None or c == "" else int(c) for c in conds]
             return {"class_id": torch.tensor(ids, device=device)}
@@ -192,7 +195,7 @@ class DiT(nn.Module):
             return {}
         rows = [[self.vocab.bos, *(self.text_tokenizer.encode(c)[: self.cfg.max_text_len] if c else [])]
                 for c in conds]
-        n = self.cfg.max_text_len + 1  # fixed width: conditions of different batches concatenate
+        n = max(len(r) for r in rows)
         tokens = torch.full((len(rows), n), self.vocab.pad, dtype=torch.long)
         doc = torch.full((len(rows), n), -1, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -200,18 +203,27 @@ class DiT(nn.Module):
             doc[i, : len(r)] = 0
         return {"text_tokens": tokens.to(device), "text_doc": doc.to(device)}
 
+    def text_states(self, cond: dict) -> dict:
+        """``cond`` with the caption encoder already run (``text_states``, ``text_pooled``): what a
+        sampler passes to every step, since the caption does not change between steps."""
+        if "text_tokens" not in cond:
+            return cond
+        doc = cond["text_doc"]
+        h = self.text.forward_hidden(self.text.tok_emb(cond["text_tokens"]), causal=False, doc_id=doc)
+        valid = (doc >= 0).unsqueeze(-1).to(h.dtype)
+        pooled = self.text_pool((h * valid).sum(1) / valid.sum(1).clamp_min(1))
+        return {"text_states": self.text_proj(h), "text_pooled": pooled, "text_doc": doc}
+
     def _condition(self, t: torch.Tensor, cond: dict, b: int):
         t = t * 1000.0 if t.is_floating_point() and isinstance(self.diffusion, FlowMatching) else t
         c = self.t_mlp(timestep_embedding(t.expand(b), 256))
         text = None
         if "class_id" in cond:
             c = c + self.class_emb(cond["class_id"])
-        elif "text_tokens" in cond:
-            doc = cond["text_doc"]
-            h = self.text.forward_hidden(self.text.tok_emb(cond["text_tokens"]), causal=False, doc_id=doc)
-            valid = (doc >= 0).unsqueeze(-1).to(h.dtype)
-            c = c + self.text_pool((h * valid).sum(1) / valid.sum(1).clamp_min(1))
-            text = (self.text_proj(h), doc)
+        elif "text_tokens" in cond or "text_states" in cond:
+            cond = self.text_states(cond)
+            c = c + cond["text_pooled"]
+            text = (cond["text_states"], cond["text_doc"])
         return c, text
 
     # ------------------------------------------------------------------ forward
