@@ -3,7 +3,7 @@
 
 Multirun with several processes per job (``-m ... trainer=ddp``): Lightning's DDP launcher
 re-runs ``sys.argv`` for the extra ranks, which in a sweep is the whole ``-m`` sweep, and it
-leaves rank variables in the environment after the first job (DESIGN.md section 5). So in a sweep
+leaves rank variables (LOCAL_RANK, WORLD_SIZE, ...) in the environment after the first job. So in a sweep
 each job that needs more than one process is run as a fresh single run of this module in a child
 process, with that job's overrides only and that job's output directory, and a clean environment.
 The child exits, taking its process group and variables with it; the next job starts clean.

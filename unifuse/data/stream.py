@@ -1,22 +1,24 @@
 """Streaming webdataset shards with equal batch counts on every rank.
 
 Why not a plain ``wds.WebDataset(...).with_epoch(n)``: under DDP every rank must run exactly the
-same number of batches, or training hangs at the next collective (DESIGN.md section 5); and in an
-epoch no sample should be seen twice. Knowing each shard's sample count (``shards._index.json``)
-lets every rank compute the same plan without talking to the others:
+same number of batches, or training hangs at the next collective (a rank with one batch fewer
+never joins the gradient all-reduce the others wait in); and in an epoch no sample should be seen
+twice. Knowing each shard's sample count (``shards._index.json``) lets every rank compute the same
+plan without talking to the others:
 
-* ``mode="epoch"`` (default): each epoch the shard order is shuffled with ``seed + epoch`` (the same
-  permutation on all ranks), the shards are laid end to end, and rank r reads the contiguous slice
-  ``[r * n, (r + 1) * n)`` with ``n = total // world_size``; its slice is cut again between the
-  DataLoader workers. Slices are disjoint, so no sample is seen twice in an epoch; the few samples
-  past ``world_size * n`` (and past the last full batch) wait for another epoch's permutation.
-  Every rank yields exactly ``len(stream)`` batches. Samples lost to bad data are replaced by
-  repeats from the same worker's slice (counted as ``refill``), so batch counts stay equal.
+* ``mode="epoch"`` (default): an epoch has ``len(stream)`` batches per rank (what the sources
+  together fill, or ``batches_per_epoch``). Each source gets a share of a rank's samples by its
+  weight (largest-remainder quotas) and the sources are interleaved in a seeded order. A source
+  is one endless sequence of passes, each pass a fresh shard permutation laid end to end; epoch e
+  reads the next ``world_size * quota`` positions and rank r its own contiguous part, cut again
+  between DataLoader workers, so no sample repeats within an epoch and over epochs every sample
+  comes equally often. A source asked for more than its per-rank share is *upsampled*: each rank
+  re-reads its own slice, and the repeats are counted as ``upsampled`` / ``upsampled/<name>``.
+  Samples lost to bad data are replaced by re-reads (counted as ``refill``), so batch counts stay
+  equal; a collator that refuses every sample is an error, not a hang.
 * ``mode="resampled"``: shards are drawn at random with replacement per rank and worker (for
-  corpora too large to care about exact epochs); ``batches_per_epoch`` batches per rank.
-
-Several sources (pairs, text-only, interleaved, image-only) mix by weight: each source streams its
-own slice and the next sample comes from source s with probability weight_s / sum(weights).
+  corpora too large to care about exact epochs), from source s with probability
+  weight_s / sum(weights); ``batches_per_epoch`` batches per rank.
 
 Batches are assembled inside the workers by a collator (``collate.py``), so a DataLoader with
 ``batch_size=None`` passes them through; every batch carries ``data_stats``, the skip/convert

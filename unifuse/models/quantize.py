@@ -2,7 +2,7 @@
 
 Nearest code by squared L2 distance computed in one matmul (|z|^2 + |e|^2 - 2 z.e), codebook
 and commitment losses (beta = 0.25), straight-through gradients. Options against codebook
-collapse (DESIGN.md section 1): l2-normalised low-dimensional codes (LlamaGen), EMA codebook
+collapse (without them users report 40-90% dead codes): l2-normalised low-dimensional codes (LlamaGen), EMA codebook
 updates, and restarting dead codes from recent encoder outputs. Everything that changes the
 codebook is synchronised across DDP ranks (statistics are all-reduced; restarts are chosen on
 rank 0 and broadcast), so ranks never drift apart.
