@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 
 class Pipeline:
@@ -111,7 +112,8 @@ class LatentDiffusionPipeline(Pipeline):
         uncond = {k: v[b:] for k, v in both.items()} if cfg_scale is not None else None
         calls = int(steps) * (2 if sampler == "heun" else 1)
         model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
-        return smp.run(model, x, generator=gens)
+        with tqdm(total=int(steps), desc=f"{sampler} {steps} steps", unit="step", disable=not progress) as bar:
+            return smp.run(model, x, generator=gens, callback=lambda i, _: bar.update(1))
 
     @torch.no_grad()
     def generate(self, prompts: list, **overrides) -> torch.Tensor:
