@@ -3,6 +3,10 @@ two optimizers under manual optimisation) and LPIPS from a local weights file th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -93,3 +97,22 @@ def test_lpips_from_a_local_file_trains_with_the_perceptual_term(tiny_emoji, tmp
         "model.perceptual_weight=0.1", f"model.lpips_weights={weights}"], tmp_path / "run"))
     assert r["metrics"]["train/lpips"] > 0
     assert r["metrics"]["train/loss"] > r["metrics"]["train/recon"]
+
+
+def test_ddp_two_processes_adversarial(tiny_emoji, tmp_path):
+    """Two nets optimised in turn under DDP: plain ``ddp`` is refused before training naming the
+    strategy setting; with ``ddp_find_unused_parameters_true`` both nets train on 2 ranks."""
+    from tests.test_distributed import ROOT, run, run_dirs
+
+    args = kl_overrides(tiny_emoji) + [
+        "model.adversarial.channels=8", "model.adversarial.layers=1", "model.adversarial.weight=0.5",
+        "model.adversarial.start_step=1", f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp",
+        "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_val_batches=1", "callbacks.fidelity.enabled=false"]
+    plain = subprocess.run([sys.executable, "-m", "unifuse.train", *args], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert plain.returncode != 0 and "trainer.strategy=ddp_find_unused_parameters_true" in plain.stderr + plain.stdout
+    run(args + ["trainer.strategy=ddp_find_unused_parameters_true", f"paths.root_dir={tmp_path}/ok"], tmp_path)
+    dirs = run_dirs(tmp_path / "ok" / "outputs")
+    ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(ck["optimizer_states"]) == 2
+    assert all(s["state"] for s in ck["optimizer_states"]), "a net was never stepped"

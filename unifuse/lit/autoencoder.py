@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from unifuse.lit.base import UnifuseModule, param_groups
+from unifuse.lit.base import UnifuseModule, check_finite, param_groups
 from unifuse.models.discriminator import (
     AdversarialConfig,
     PatchDiscriminator,
@@ -49,6 +49,17 @@ class ReconstructionModule(UnifuseModule):
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config()}
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if self.adv is not None and isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 \
+                and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            # each of the two backward passes leaves the other net without gradients, which plain
+            # DDP reports as an error in the next step, far from its cause
+            raise ValueError("the adversarial term trains two nets in turn: under DDP set "
+                             "trainer.strategy=ddp_find_unused_parameters_true (or model.adversarial.weight=0)")
+
     # ------------------------------------------------------------------ subclass hook
     def bottleneck(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict, object]:
         """images -> (reconstruction, the bottleneck's loss term (already weighted), values to log,
@@ -82,14 +93,15 @@ class ReconstructionModule(UnifuseModule):
         recon, nll, extra, logs, aux = self._losses(x)
         loss = nll + extra
         if self.adv is not None:
-            loss = self._adversarial_step(x, recon, nll, loss, logs)
+            loss = self._adversarial_step(x, recon, nll, loss, logs, batch)
         else:
             logs["loss"] = loss
+            check_finite(logs, self.global_step, batch)
         self.after_train_step(aux)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=x.shape[0])
         return loss
 
-    def _adversarial_step(self, x, recon, nll, loss, logs) -> torch.Tensor:
+    def _adversarial_step(self, x, recon, nll, loss, logs, batch) -> torch.Tensor:
         opt_g, opt_d = self.optimizers()
         on = self._gan_on()
         if on:
@@ -98,11 +110,13 @@ class ReconstructionModule(UnifuseModule):
             loss = loss + self.adv.weight * w * g
             logs.update(g_loss=g, adaptive_weight=w)
         logs["loss"] = loss
+        check_finite(logs, self.global_step, batch)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt_g.step()
         if on:
             d = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(recon.detach()))
+            check_finite({"d_loss": d}, self.global_step, batch)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d)
             opt_d.step()

@@ -4,6 +4,7 @@ checkpoint metadata (kind + architecture config, so nets rebuild without Lightni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -19,6 +20,24 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int, batch: dict | None = None) -> None:
+    """Raise ``FloatingPointError`` naming the step, every non-finite loss term and the batch's
+    sample keys (so the offending samples can be found in the shards). One check per step on the
+    already-computed scalars: a single host sync for all terms."""
+    names = list(terms)
+    if not names:
+        return
+    dev = next((v.device for v in terms.values() if isinstance(v, torch.Tensor)), None)
+    vals = torch.stack([torch.as_tensor(terms[k], device=dev).detach().float().reshape(()) for k in names])
+    if bool(torch.isfinite(vals).all()):
+        return
+    bad = {k: float(v) for k, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v)}
+    keys = list((batch or {}).get("key") or [])
+    shown = ", ".join(map(str, keys[:8])) + (f", ... ({len(keys)} samples)" if len(keys) > 8 else "")
+    raise FloatingPointError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                             + (f"; batch keys: {shown}" if keys else ""))
 
 
 class UnifuseModule(L.LightningModule):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from unifuse.checkpoint import load_net, tokenizer_entry
-from unifuse.lit.base import UnifuseModule
+from unifuse.lit.base import UnifuseModule, check_finite
 from unifuse.models.image_gpt import TokenImageModel
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
@@ -128,6 +128,7 @@ class TokenGeneratorModule(GeneratorModule):
     def training_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(self._codes(batch), self._conds(batch, self.p_uncond))
         self.last_batch_tokens = int(out.pop("tokens"))
+        check_finite(out, self.global_step, batch)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["caption"]))
         return out["loss"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from unifuse.lit.base import check_finite
 from unifuse.lit.generators import GeneratorModule
 from unifuse.models.dit import DiT
 from unifuse.models.kl_autoencoder import KLAutoencoder
@@ -70,8 +71,7 @@ class LatentDiffusionModule(GeneratorModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._loss(batch, self.p_uncond)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite diffusion loss {loss.item()} at step {self.global_step}")
+        check_finite({"diffusion": loss}, self.global_step, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
         return loss
 

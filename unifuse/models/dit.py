@@ -6,6 +6,9 @@ text-conditioned by joint attention.
   each block is modulated by adaLN-Zero: shift/scale before attention and MLP and a gate on each
   residual branch, regressed from the conditioning vector and zero-initialised, so every block
   starts as the identity. The final layer (adaLN + linear, zero-initialised) maps patches back.
+* Positions: a fixed 2D sin-cos embedding is added to every patch (DiT's absolute positions: an
+  emoji's border and centre are places, not just relations) and attention rotates queries and keys
+  by 2D RoPE (row, col) for the relative ones.
 * Conditioning vector: timestep embedding (+ class embedding, + pooled text).
 * Text: the caption's tokens go through a small **bidirectional** text encoder (the shared
   :class:`~unifuse.models.transformer.Transformer`, trained jointly), are projected to ``dim`` and
@@ -111,6 +114,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([args.cos(), args.sin()], -1)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed position embedding, row-major: half the channels encode the row,
+    half the column, each as sin/cos at geometric frequencies (as DiT and MAE)."""
+    if dim % 4:
+        raise ValueError(f"dim {dim} must be a multiple of 4 for the 2D sin-cos position embedding")
+    coords = torch.arange(grid, dtype=torch.float32)
+    row = timestep_embedding(coords.repeat_interleave(grid), dim // 2)
+    col = timestep_embedding(coords.repeat(grid), dim // 2)
+    return torch.cat([row, col], -1)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -148,6 +162,7 @@ class DiT(nn.Module):
                                       attn_impl=cfg.attn_impl)
         p, c = cfg.patch_size, cfg.latent_channels
         self.patch_in = nn.Linear(c * p * p, cfg.dim)
+        self.register_buffer("pos_emb", sincos_2d(cfg.grid, cfg.dim), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(256, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(DiTBlock(self.tcfg) for _ in range(cfg.n_layers))
         self.norm_out = nn.RMSNorm(cfg.dim, eps=1e-6, elementwise_affine=False)
@@ -241,7 +256,7 @@ class DiT(nn.Module):
         the prediction (B, C, H, W), in float32."""
         b, g = z.shape[0], self.cfg.grid
         c, text = self._condition(t, cond or {}, b)
-        x = self.patch_in(self.patchify(z.to(self.patch_in.weight.dtype)))
+        x = self.patch_in(self.patchify(z.to(self.patch_in.weight.dtype))) + self.pos_emb.to(self.patch_in.weight.dtype)
         rows = torch.arange(g, device=z.device).repeat_interleave(g)
         pos = torch.stack([rows, torch.arange(g, device=z.device).repeat(g)], -1).expand(b, g * g, 2)
         doc = None
