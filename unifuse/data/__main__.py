@@ -17,18 +17,8 @@ import argparse
 import logging
 import re
 import sys
-from collections import Counter
 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")
-
-
-def _texts(spec: str):
-    from unifuse.data.samples import DecodeConfig
-    from unifuse.data.stream import iter_decoded
-
-    for s in iter_decoded(spec, DecodeConfig(), Counter(), drop_exts=("png", "jpg", "jpeg", "webp")):
-        if s.text:
-            yield s.text
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -166,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         encode_shards(a.tokenizer, a.src, a.out, batch_size=a.batch_size, shard_size=a.shard_size,
                       device=a.device, image_size=a.image_size)
     elif a.cmd == "bpe":
+        from unifuse.data.stream import iter_texts
         from unifuse.text.tokenizer import BPETokenizer
 
-        tok = BPETokenizer.train(_texts(a.shards), a.out, a.vocab_size)
+        tok = BPETokenizer.train(iter_texts(a.shards), a.out, a.vocab_size)
         print(f"BPE tokenizer with {tok.vocab_size} tokens written to {a.out}")
     return 0
 

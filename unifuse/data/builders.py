@@ -219,3 +219,7 @@ def build_fashion_mnist(out: str | Path = "data/fashion_mnist", src: str | None 
             result[split] = w.summary.samples
         st.commit(marker={"dataset": "fashion_mnist", "size": size, "src": str(d), "samples": result})
     return result
+
+
+# embedded datasets by the name configs give them (data.build)
+BUILDERS = {"emoji": build_emoji, "fashion_mnist": build_fashion_mnist}

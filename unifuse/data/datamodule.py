@@ -125,8 +125,7 @@ class ShardDataModule(L.LightningDataModule):
             encode_shards(a["tokenizer"], src, self.build_dir, batch_size=int(a.get("batch_size", 256)),
                           device=str(a.get("device", "cpu")))
             return
-        fn = {"emoji": builders.build_emoji, "fashion_mnist": builders.build_fashion_mnist}[self.build]
-        fn(out=self.build_dir, **self.build_args)
+        builders.BUILDERS[self.build](out=self.build_dir, **self.build_args)
 
     # ------------------------------------------------------------------ loaders
     def _rank(self) -> tuple[int, int]:

@@ -120,6 +120,13 @@ def _raw_samples(url: str, skip: int, take: int | None, stats: Counter) -> Itera
         yield raw
 
 
+def iter_texts(spec) -> Iterator[str]:
+    """The non-empty texts (captions, text documents) of a shard spec, images not decoded."""
+    for s in iter_decoded(spec, DecodeConfig(), Counter(), drop_exts=("png", "jpg", "jpeg", "webp", "npy")):
+        if s.text:
+            yield s.text
+
+
 def iter_decoded(spec, cfg: DecodeConfig, stats: Counter, drop_exts: tuple[str, ...] = ()) -> Iterator:
     """Every usable sample of a shard spec in shard order, skips counted in ``stats``.
     ``drop_exts``: member endings not to decode at all (e.g. images when only text is wanted)."""
