@@ -102,9 +102,11 @@ def tiny_kl(tiny_emoji, tmp_path_factory) -> Path:
 
 
 def ldm_overrides(data_dir: Path, kl: Path) -> list[str]:
+    """A tiny DDPM-transport DiT (the samplers most tests exercise; the flow test switches it)."""
     return ["model=ldm", *tiny_data_overrides(data_dir), f"model.tokenizer_ckpt={kl}", "model.net.dit.dim=32",
             "model.net.dit.n_layers=2", "model.net.dit.n_heads=2", "model.net.dit.text_dim=32",
-            "model.net.dit.text_layers=1", "model.net.dit.max_text_len=24", "model.sampling.steps=4",
+            "model.net.dit.text_layers=1", "model.net.dit.max_text_len=24", "model.net.dit.patch_size=2",
+            "model.net.dit.diffusion.transport=ddpm", "model.sampling.sampler=ddim", "model.sampling.steps=4",
             "model.sample_prompts=[twemoji dog face,openmoji pizza]"]
 
 
