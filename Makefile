@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/emoji32/train/_index.json
 ARGS   ?=
 
-.PHONY: help setup data train train-ar train-maskgit test bench lint mutation clean
+.PHONY: help setup data train train-ar train-maskgit train-kl train-ldm test bench lint mutation clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ train-ar: setup data  ## AR image GPT on emoji codes from the newest `make train
 
 train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train` tokenizer
 	$(BIN)/python -m unifuse.train experiment=maskgit_emoji $(ARGS)
+
+train-kl: setup data  ## KL autoencoder on emoji (the latent space of train-ldm; about 9 min on CPU)
+	$(BIN)/python -m unifuse.train experiment=kl_emoji $(ARGS)
+
+train-ldm: setup data  ## text-to-image latent diffusion on the newest train-kl autoencoder (about 28 min)
+	$(BIN)/python -m unifuse.train experiment=ldm_emoji $(ARGS)
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)
