@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unifuse.progress import interactive
+
 
 class Pipeline:
     """What every pipeline holds: the net, the image tokenizer / autoencoder that decodes its
@@ -112,7 +114,9 @@ class LatentDiffusionPipeline(Pipeline):
         uncond = {k: v[b:] for k, v in both.items()} if cfg_scale is not None else None
         calls = int(steps) * (2 if sampler == "heun" else 1)
         model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
-        with tqdm(total=int(steps), desc=f"{sampler} {steps} steps", unit="step", disable=not progress) as bar:
+        # a step bar on a terminal only: logs and CI output get no carriage-return spam
+        with tqdm(total=int(steps), desc=f"{sampler} {steps} steps", unit="step",
+                  disable=not (progress and interactive())) as bar:
             return smp.run(model, x, generator=gens, callback=lambda i, _: bar.update(1))
 
     @torch.no_grad()
