@@ -102,3 +102,16 @@ def test_domain_extractor_files_of_other_widths_load(tmp_path):
     loaded, _ = load_domain_net(path)
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+def test_domain_extractor_is_the_same_file_in_any_checkout(tiny_emoji, domain_weights, tmp_path):
+    """Built from the same data in another directory, the extractor is byte-identical, so its hash
+    (part of every FID metric name) compares runs across clones and machines."""
+    import shutil
+
+    from unifuse.eval.extractors import file_hash, train_domain_extractor
+
+    other = tmp_path / "elsewhere" / tiny_emoji.name
+    shutil.copytree(tiny_emoji / "train", other / "train")
+    info = train_domain_extractor(str(other / "train"), other / "domain_extractor.pt", epochs=6)
+    assert info["hash"] == file_hash(domain_weights)

@@ -210,7 +210,10 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "classes": classes, "arch": arch,
-                "meta": {"shards": str(shards), "samples": len(x), "train_accuracy": acc, "epochs": epochs}}, out)
+                # the data's name, not its absolute path: the same data gives the same file (and hash,
+                # which every metric name carries) in any checkout
+                "meta": {"shards": "/".join(Path(str(shards)).parts[-2:]), "samples": len(x),
+                         "train_accuracy": acc, "epochs": epochs}}, out)
     info = {"path": str(out), "classes": len(classes), "samples": len(x), "train_accuracy": round(acc, 4),
             "hash": file_hash(out)}
     log.info("domain extractor: %s", json.dumps(info))
