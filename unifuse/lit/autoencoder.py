@@ -52,7 +52,7 @@ class ReconstructionModule(UnifuseModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = self.trainer.strategy
         if self.adv is not None and isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 \
                 and not strategy._ddp_kwargs.get("find_unused_parameters"):
             # each of the two backward passes leaves the other net without gradients, which plain
