@@ -67,6 +67,8 @@ register(Kind("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder", "
 register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
 register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
 register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipeline:LatentDiffusionPipeline"))
+register(Kind("transfusion", "unifuse.models.transfusion:Transfusion", "text-to-image",
+              "unifuse.pipeline:TransfusionPipeline"))
 
 
 def _import(target: str):

@@ -26,6 +26,7 @@ from unifuse.models.dit import DiTConfig
 from unifuse.models.quantize import QuantizerConfig
 from unifuse.models.sampling import SamplingConfig
 from unifuse.models.transformer import TransformerConfig
+from unifuse.models.transfusion import TransfusionConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -259,6 +260,7 @@ def register() -> None:
     cs.store(group="schema", name="quantizer", node=QuantizerConfig)
     cs.store(group="schema", name="transformer", node=TransformerConfig)
     cs.store(group="schema", name="dit", node=DiTConfig)
+    cs.store(group="schema", name="transfusion", node=TransfusionConfig)
     cs.store(group="schema", name="adversarial", node=AdversarialConfig)
     cs.store(group="schema", name="sampling", node=SamplingConfig)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)

@@ -76,10 +76,10 @@ class LatentDiffusionPipeline(Pipeline):
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
         super().__init__(net, tokenizer, cond, sampling)
-        channels = getattr(tokenizer, "latent_channels", None)
-        if channels != net.cfg.latent_channels:
+        channels, want = getattr(tokenizer, "latent_channels", None), net.latent_shape()[0]
+        if channels != want:
             raise ValueError(f"the autoencoder has {channels} latent channels but the denoiser was trained on "
-                             f"{net.cfg.latent_channels}: pass the autoencoder it was trained with (tokenizer=...)")
+                             f"{want}: pass the autoencoder it was trained with (tokenizer=...)")
 
     @property
     def kind(self) -> str:
@@ -87,7 +87,9 @@ class LatentDiffusionPipeline(Pipeline):
 
     def settings(self, **overrides) -> dict:
         s = {k: v for k, v in {**self.sampling, **overrides}.items() if k in self.SETTINGS}
-        default = "ddim" if self.net.cfg.diffusion.transport == "ddpm" else "euler"
+        from unifuse.diffusion import FlowMatching
+
+        default = "euler" if isinstance(self.net.diffusion, FlowMatching) else "ddim"
         s["sampler"] = s.get("sampler") or default
         s["steps"] = s.get("steps") or (50 if s["sampler"] in ("ddim", "dpmpp_2m", "euler", "heun") else 1000)
         return s
@@ -130,3 +132,51 @@ class LatentDiffusionPipeline(Pipeline):
         finally:
             self.net.train(was_training)
         return self.tokenizer.decode_latents(z).clamp(-1, 1)
+
+
+class TransfusionPipeline(LatentDiffusionPipeline):
+    """A Transfusion model (``unifuse.models.transfusion``) + the KL autoencoder of its image blocks:
+    text -> image (``generate``), image -> text (``caption``) and interleaved documents
+    (``document``), all through the model's KV-cached decoding."""
+
+    @property
+    def kind(self) -> str:
+        return "transfusion"
+
+    @torch.no_grad()
+    def latents(self, prompts: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
+                cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
+                progress: bool = False) -> torch.Tensor:
+        return self.net.generate(self.conditions(prompts), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                 cfg_schedule=cfg_schedule, eta=eta, seed=seed)
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
+                seed: int | None = 0) -> list[str]:
+        """Images in [-1, 1] (B, 3, H, W) -> captions (greedy by default)."""
+        z = self.tokenizer.encode_latents(images.to(next(self.net.parameters()).device))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.net.caption(z, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        finally:
+            self.net.train(was_training)
+
+    @torch.no_grad()
+    def document(self, parts: list[str | None], max_new_tokens: int = 0, temperature: float = 1.0,
+                 **overrides) -> list[dict]:
+        """Interleaved generation (see ``Transfusion.document``); image segments come back decoded,
+        as (3, H, W) images in [-1, 1]."""
+        s = self.settings(**overrides)
+        s.pop("progress", None)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            segs = self.net.document(parts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     **{k: v for k, v in s.items() if v is not None or k == "cfg_scale"})
+        finally:
+            self.net.train(was_training)
+        for seg in segs:
+            if "image" in seg:
+                seg["image"] = self.tokenizer.decode_latents(seg["image"][None]).clamp(-1, 1)[0]
+        return segs

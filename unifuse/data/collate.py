@@ -73,19 +73,29 @@ class PackingCollator:
 
     A document is ``[BOS] segments... [EOS]`` where a text segment is its token ids and an image
     segment is ``[BOI] n image positions [EOI]``: the codes (offset into the image range of the
-    vocabulary) when the sample carries pre-encoded ``codes``, else ``image_tokens`` placeholder
-    positions whose pixels travel in ``images`` (for continuous-image models such as Transfusion).
+    vocabulary) when the sample carries pre-encoded integer ``codes``, else ``image_tokens``
+    placeholder positions whose image travels beside the tokens (for continuous-image models such as
+    Transfusion): pixels in ``image`` (uint8, N x 3 x H x W) or pre-encoded KL latents in ``latents``
+    (float32, N x 2C x h x w: posterior mean and std), one entry per image block in row order, with
+    ``image_pos`` (N x 3: row, first position, length), ``image_first`` (N: the image precedes
+    its document's text, i.e. a captioning example) and ``image_caption`` (N: the sample's caption,
+    even when dropped from the sequence; for caption-retrieval metrics).
+
     Image-caption pairs put the caption first with probability ``caption_first`` (else the image
-    first, i.e. captioning). Documents longer than a row are cut at ``seq_len`` if the cut falls in
-    text; a document whose image would be cut is skipped (``doc_too_long``).
+    first, i.e. captioning); a caption-first pair loses its caption with probability ``p_uncond``
+    (the unconditional branch of classifier-free guidance). Documents longer than a row are cut at
+    ``seq_len`` if the cut falls in text; a document whose image would be cut is skipped
+    (``doc_too_long``).
     """
 
-    def __init__(self, batch_size: int, seq_len: int, vocab: VocabLayout,
+    def __init__(self, batch_size: int, seq_len: int, vocab: VocabLayout | None = None,
                  tokenizer: TextTokenizer | None = None, image_tokens: int = 0,
-                 caption_first: float = 1.0, seed: int = 0):
-        self.batch_size, self.seq_len, self.vocab = batch_size, seq_len, vocab
+                 caption_first: float = 1.0, p_uncond: float = 0.0, seed: int = 0):
+        """``vocab`` defaults to the text tokenizer's ids plus the special tokens (no image codes)."""
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.image_tokens, self.caption_first = image_tokens, caption_first
+        self.vocab = vocab or VocabLayout(text_size=self.tokenizer.vocab_size)
+        self.image_tokens, self.caption_first, self.p_uncond = image_tokens, caption_first, p_uncond
         self.rng = random.Random(seed)
         self._rows: list[list[tuple]] = []  # per row: list of documents
         self._fill: list[int] = []
@@ -98,22 +108,29 @@ class PackingCollator:
         return c
 
     # ------------------------------------------------------------------ documents
-    def document(self, s: Sample) -> tuple[list[int], list[int], list[np.ndarray]] | None:
-        """(token ids, modality per position, images) for one sample."""
+    def document(self, s: Sample) -> tuple[list[int], list[int], list[tuple[np.ndarray, bool, str]]]:
+        """(token ids, modality per position, [(image CHW, image_first, caption)]) for one sample."""
         v = self.vocab
         toks, mods, images = [v.bos], [TEXT], []
+        seen_text = False
 
         def text(t: str) -> None:
+            nonlocal seen_text
             ids = self.tokenizer.encode(t)
             toks.extend(ids)
             mods.extend([TEXT] * len(ids))
+            seen_text = seen_text or bool(ids)
 
-        def image(i: int) -> None:
-            if s.codes is not None and i == 0:
+        def image(i: int, first: bool) -> None:
+            latent = s.codes is not None and np.issubdtype(np.asarray(s.codes).dtype, np.floating)
+            if s.codes is not None and i == 0 and not latent:
                 ids = list(v.code_to_id(np.asarray(s.codes).reshape(-1).astype(np.int64)))
+            elif self.image_tokens > 0 and latent and i == 0:
+                ids = [v.pad] * self.image_tokens
+                images.append((np.asarray(s.codes), first, s.text or ""))
             elif self.image_tokens > 0 and i < len(s.images):
                 ids = [v.pad] * self.image_tokens
-                images.append(s.images[i])
+                images.append((s.images[i].transpose(2, 0, 1), first, s.text or ""))
             else:
                 raise ValueError("image segment without codes or image_tokens")
             toks.extend([v.boi, *ids, v.eoi])
@@ -125,15 +142,15 @@ class PackingCollator:
                 if "text" in seg:
                     text(seg["text"])
                 else:
-                    image(n_img)
+                    image(n_img, not seen_text)
                     n_img += 1
         elif s.images or s.codes is not None:
             cap = s.text or ""
             if self.rng.random() < self.caption_first:
-                text(cap)
-                image(0)
+                text("" if self.p_uncond > 0 and self.rng.random() < self.p_uncond else cap)
+                image(0, False)
             else:
-                image(0)
+                image(0, True)
                 text(cap)
         else:
             text(s.text or "")
@@ -181,7 +198,7 @@ class PackingCollator:
         doc_id = torch.full((b, L), -1, dtype=torch.long)
         image_id = torch.full((b, L), -1, dtype=torch.long)
         position = torch.zeros((b, L), dtype=torch.long)
-        images, image_pos = [], []
+        images, image_pos, image_first, image_caption = [], [], [], []
         for r, docs in enumerate(self._rows):
             at, img_block = 0, 0
             for d, (toks, mods, imgs) in enumerate(docs):
@@ -200,7 +217,9 @@ class PackingCollator:
                         end += 1
                     image_id[r, at + st : at + end] = img_block
                     if k < len(imgs):
-                        images.append(torch.from_numpy(imgs[k]).permute(2, 0, 1))
+                        images.append(torch.from_numpy(np.ascontiguousarray(imgs[k][0])))
+                        image_first.append(imgs[k][1])
+                        image_caption.append(imgs[k][2])
                         image_pos.append((r, at + st, end - st))
                     img_block += 1
                 at += n
@@ -213,6 +232,13 @@ class PackingCollator:
         out = {"tokens": tokens, "modality": modality, "doc_id": doc_id, "image_id": image_id,
                "position": position}
         if images:
-            out["image"] = torch.stack(images)
+            if len({im.dtype for im in images}) > 1:
+                raise ValueError("a batch mixes pixel images and pre-encoded latents: use one kind of shard")
+            if images[0].is_floating_point():
+                out["latents"] = torch.stack(images).float()
+            else:
+                out["image"] = torch.stack(images)
             out["image_pos"] = torch.tensor(image_pos, dtype=torch.long)
+            out["image_first"] = torch.tensor(image_first, dtype=torch.bool)
+            out["image_caption"] = image_caption
         return out

@@ -3,9 +3,11 @@ matching transport (:mod:`.flow`), samplers driven by a ``model output at (x, t)
 (:mod:`.samplers`) and classifier-free guidance (:mod:`.guidance`). Latent diffusion and
 Transfusion both use it; nothing here knows about networks, text or Lightning."""
 
+from unifuse.diffusion.config import DiffusionConfig
 from unifuse.diffusion.flow import FlowMatching
 from unifuse.diffusion.guidance import Guidance
 from unifuse.diffusion.samplers import SAMPLERS, make_sampler
 from unifuse.diffusion.schedule import GaussianDiffusion, NoiseSchedule
 
-__all__ = ["SAMPLERS", "FlowMatching", "GaussianDiffusion", "Guidance", "NoiseSchedule", "make_sampler"]
+__all__ = ["SAMPLERS", "DiffusionConfig", "FlowMatching", "GaussianDiffusion", "Guidance", "NoiseSchedule",
+           "make_sampler"]

@@ -48,12 +48,16 @@ class FlowMatching:
         t = t.float().reshape(t.shape + (1,) * (x_t.dim() - t.dim()))
         return x_t.float() - t * v.float(), x_t.float() + (1 - t) * v.float()
 
-    def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(self, batch: int, device, generator: torch.Generator | None = None,
+                 max_frac: torch.Tensor | None = None) -> torch.Tensor:
+        """Training times; ``max_frac`` (B,) in (0, 1] scales row i's time into [0, max_frac[i]]
+        (towards the data end)."""
         if self.time_sampling == "uniform":
             t = torch.rand(batch, device=device, generator=generator)
         else:
             t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, device=device, generator=generator))
-        return shift_time(t, self.shift)
+        t = shift_time(t, self.shift)
+        return t if max_frac is None else t * max_frac.to(t.device, t.dtype)
 
     def loss(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
              t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:

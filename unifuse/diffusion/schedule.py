@@ -120,8 +120,15 @@ class GaussianDiffusion:
         return sa * x_t - s1 * out, sa * out + s1 * x_t
 
     # ------------------------------------------------------------------ training
-    def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randint(0, self.steps, (batch,), device=device, generator=generator)
+    def sample_t(self, batch: int, device, generator: torch.Generator | None = None,
+                 max_frac: torch.Tensor | None = None) -> torch.Tensor:
+        """Uniform integer timesteps; ``max_frac`` (B,) in (0, 1] limits row i to
+        ``t <= round(max_frac[i] * (T - 1))`` (e.g. 0.5: t <= 500 of 1000)."""
+        if max_frac is None:
+            return torch.randint(0, self.steps, (batch,), device=device, generator=generator)
+        top = torch.round(max_frac.to(device).double() * (self.steps - 1)) + 1
+        u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+        return (u * top).floor().long().clamp_max(self.steps - 1)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         if self.weighting == "uniform":

@@ -20,7 +20,7 @@ The same mask function is executed three ways (and they give the same numbers):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -31,6 +31,9 @@ class MaskSpec:
     causal: bool = True
     doc_id: torch.Tensor | None = None  # (B, Lk) for keys; queries use the last Lq entries
     image_id: torch.Tensor | None = None  # (B, Lk)
+    # masks built from this spec, by (impl, Lq, Lk): a forward builds its spec once, so every layer
+    # after the first reuses the dense mask / BlockMask instead of rebuilding it
+    built: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def plain_causal(self) -> bool:
@@ -102,8 +105,12 @@ def _flex(q, k, v, spec: MaskSpec, q_offset: int):
             qa = q_idx + q_offset
             return inner(b_, h, q_idx, kv_idx) | ((spec.doc_id[b_, qa] < 0) & (kv_idx == qa))
 
-    bm = create_block_mask(mask_mod, B=b if (spec.doc_id is not None or spec.image_id is not None) else None,
-                           H=None, Q_LEN=lq, KV_LEN=lk, device=q.device)
+    key = ("flex", lq, lk)
+    if key not in spec.built:
+        spec.built[key] = create_block_mask(
+            mask_mod, B=b if (spec.doc_id is not None or spec.image_id is not None) else None,
+            H=None, Q_LEN=lq, KV_LEN=lk, device=q.device)
+    bm = spec.built[key]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return _flex_kernel(q.is_cuda)(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
@@ -123,4 +130,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, im
         return _flex(q, k, v, spec, lk - lq)
     if impl != "dense":
         raise ValueError(f"attention impl must be auto, dense or flex, not {impl!r}")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec, lq, lk, q.device), enable_gqa=gqa)
+    key = ("dense", lq, lk)
+    if key not in spec.built:
+        spec.built[key] = dense_mask(spec, lq, lk, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.built[key], enable_gqa=gqa)

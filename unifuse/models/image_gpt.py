@@ -15,29 +15,17 @@ built by the same function.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from unifuse.models.sampling import guidance_scale, row_generators, sample_logits
+from unifuse.models.sampling import Prompts, guidance_scale, left_padded, row_generators, sample_logits
 from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
-
-
-@dataclass
-class Prompts:
-    tokens: torch.Tensor  # (R, P) left-padded, ending with BOI
-    doc_id: torch.Tensor  # (R, P) -1 on padding, 0 elsewhere
-    positions: torch.Tensor  # (R, P) 0 at BOS
-    lengths: torch.Tensor  # (R,) real prompt lengths
-
-    @property
-    def padded(self) -> bool:
-        return bool((self.doc_id < 0).any())
 
 
 class TokenImageModel(nn.Module):
@@ -86,17 +74,7 @@ class TokenImageModel(nn.Module):
 
     def prompts(self, conds: list, device, pad_to: int | None = None) -> Prompts:
         v = self.vocab
-        rows = [[v.bos, *self.condition_ids(c), v.boi] for c in conds]
-        p = max(pad_to or 0, max(len(r) for r in rows))
-        tokens = torch.full((len(rows), p), v.pad, dtype=torch.long)
-        doc = torch.full((len(rows), p), -1, dtype=torch.long)
-        pos = torch.zeros((len(rows), p), dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, p - len(r):] = torch.tensor(r)
-            doc[i, p - len(r):] = 0
-            pos[i, p - len(r):] = torch.arange(len(r))
-        lengths = torch.tensor([len(r) for r in rows])
-        return Prompts(tokens.to(device), doc.to(device), pos.to(device), lengths.to(device))
+        return left_padded([[v.bos, *self.condition_ids(c), v.boi] for c in conds], v.pad, device, pad_to)
 
     def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.vocab.image_range()

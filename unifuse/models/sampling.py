@@ -10,6 +10,36 @@ import torch
 
 
 @dataclass
+class Prompts:
+    """Token prompts of a batch, left-padded to one length so all rows share a KV-cache write index.
+    Padding has ``doc_id = -1`` (never attended) and rotary positions start at 0 on each row's first
+    real token, so a row means the same whatever it is batched with."""
+
+    tokens: torch.Tensor  # (R, P)
+    doc_id: torch.Tensor  # (R, P) -1 on padding, 0 elsewhere
+    positions: torch.Tensor  # (R, P) 0 at the first real token
+    lengths: torch.Tensor  # (R,) real prompt lengths
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.doc_id < 0).any())
+
+
+def left_padded(rows: list[list[int]], pad: int, device, pad_to: int | None = None) -> Prompts:
+    """Token-id rows -> :class:`Prompts` (at least ``pad_to`` long)."""
+    p = max(pad_to or 0, max(len(r) for r in rows))
+    tokens = torch.full((len(rows), p), pad, dtype=torch.long)
+    doc = torch.full((len(rows), p), -1, dtype=torch.long)
+    pos = torch.zeros((len(rows), p), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, p - len(r):] = torch.tensor(r, dtype=torch.long)
+        doc[i, p - len(r):] = 0
+        pos[i, p - len(r):] = torch.arange(len(r))
+    lengths = torch.tensor([len(r) for r in rows])
+    return Prompts(tokens.to(device), doc.to(device), pos.to(device), lengths.to(device))
+
+
+@dataclass
 class SamplingConfig:
     """Sampling settings shared by every generator (``model.sampling`` in training, stored in the
     checkpoint, overridable in ``unifuse.sample`` / ``unifuse.evaluate``); a model uses the fields

@@ -1,0 +1,212 @@
+"""Transfusion: the mask against a reference construction, KV-cached sampling against full
+recomputation, loss masking and per-image times, and model=transfusion trained from Hydra (in
+process, 2-process DDP, and a DDP multirun over the loss weight)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import compose_cfg, tiny_data_overrides
+from tests.test_distributed import run, run_dirs
+from unifuse.data.collate import IMAGE, TEXT, PackingCollator
+from unifuse.data.samples import Sample
+from unifuse.models.attention import MaskSpec, attend, dense_mask
+from unifuse.models.transformer import TransformerConfig
+from unifuse.models.transfusion import Transfusion, TransfusionConfig
+
+
+def tiny_model(transport: str = "ddpm", **image) -> Transfusion:
+    from unifuse.diffusion import DiffusionConfig
+
+    torch.manual_seed(0)
+    cfg = TransfusionConfig(latent_size=4, diffusion=DiffusionConfig(transport=transport, schedule="cosine"), **image)
+    m = Transfusion(TransformerConfig(dim=32, n_layers=2, n_heads=2), cfg).eval()
+    with torch.no_grad():  # the zero-initialised output head: give it something to say
+        m.patch_out.weight.normal_(0, 0.02)
+    return m
+
+
+def random_batch(m: Transfusion, seed: int, rows: int = 3, seq_len: int = 96, docs: int = 8):
+    """Packed rows of caption/image documents in both orders, plus an interleaved one."""
+    rng = np.random.default_rng(seed)
+    pc = PackingCollator(batch_size=rows, seq_len=seq_len, vocab=m.vocab, image_tokens=m.n_patches,
+                         caption_first=0.5, seed=seed)
+    for i in range(docs):
+        lat = rng.standard_normal((8, 4, 4)).astype(np.float16)
+        pc.add(Sample(key=f"k{i}", url="", text="ab" * int(rng.integers(0, 6)), codes=lat))
+    return pc.pop()
+
+
+def reference_mask(doc: torch.Tensor, image_id: torch.Tensor) -> torch.Tensor:
+    """The Transfusion mask written out position by position."""
+    b, n = doc.shape
+    m = torch.zeros(b, n, n, dtype=torch.bool)
+    for r in range(b):
+        for q in range(n):
+            for k in range(n):
+                if doc[r, q] < 0 or doc[r, k] != doc[r, q]:
+                    m[r, q, k] = q == k and doc[r, q] < 0  # padding sees itself only
+                    continue
+                same_image = image_id[r, q] >= 0 and image_id[r, q] == image_id[r, k]
+                m[r, q, k] = k <= q or same_image
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mask_matches_the_reference_on_random_packed_layouts_and_flex_equals_dense(seed):
+    m = tiny_model()
+    batch = random_batch(m, seed)
+    assert (batch["image_id"] >= 0).sum() >= 3 * m.n_patches and batch["doc_id"].max() >= 1  # images, packing
+    spec = MaskSpec(True, batch["doc_id"], batch["image_id"])
+    n = batch["tokens"].shape[1]
+    assert torch.equal(dense_mask(spec, n, n, "cpu")[:, 0], reference_mask(batch["doc_id"], batch["image_id"]))
+    q, k, v = (torch.randn(3, 2, n, 16) for _ in range(3))
+    torch.testing.assert_close(attend(q, k, v, MaskSpec(True, batch["doc_id"], batch["image_id"]), "flex"),
+                               attend(q, k, v, MaskSpec(True, batch["doc_id"], batch["image_id"]), "dense"),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_mask_is_built_once_per_forward(monkeypatch):
+    from unifuse.models import attention
+
+    calls = []
+    real = attention.dense_mask
+    monkeypatch.setattr(attention, "dense_mask", lambda *a: calls.append(1) or real(*a))
+    m = tiny_model()
+    batch = random_batch(m, 0)
+    m(batch, batch["latents"][:, :4], torch.zeros(len(batch["latents"]), dtype=torch.long))
+    assert len(calls) == 1 and m.net.cfg.n_layers == 2
+
+
+@pytest.mark.parametrize("transport,sampler", [("ddpm", "ddim"), ("flow", "heun")])
+def test_kv_cached_sampling_equals_full_recomputation(transport, sampler):
+    m = tiny_model(transport)
+    prompts = ["abc", "a much longer caption", ""]
+    for cfg in (None, 3.0):
+        a = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=True)
+        b = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=False)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # a prompt gives the same image alone as in a batch (per-row seeds, padding masked)
+    alone = m.generate(prompts[1:2], sampler=sampler, steps=4, cfg_scale=3.0, seed=8)
+    torch.testing.assert_close(alone[0], a[1], atol=1e-4, rtol=1e-4)
+
+
+def test_an_image_inside_a_document_matches_text_to_image_and_captions_decode_with_the_cache():
+    """The document decoder's cache (built token by token, with a spliced unconditional row) gives
+    the same image as the batched text-to-image sampler; greedy captions agree with the likelihood."""
+    m = tiny_model()
+    segs = m.document(["abc", None, "de", None], sampler="ddim", steps=3, cfg_scale=2.0, seed=4)
+    assert [list(s) for s in segs] == [["text"], ["image"], ["text"], ["image"]]
+    ref = m.generate(["abc"], sampler="ddim", steps=3, cfg_scale=2.0, seed=5)  # image k: seed + 1 + k
+    torch.testing.assert_close(segs[1]["image"], ref[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(segs[1]["image"], segs[3]["image"])
+    # captions decoded with the cache are the greedy choices of a full forward over the same tokens
+    z = torch.randn(2, 4, 4, 4)
+    ids = m.caption_ids(z, max_new_tokens=6, temperature=0.0)
+    prefix, t0 = m._image_prefix(z)
+    k = prefix["tokens"].shape[1]
+    for r, row in enumerate(ids):
+        batch = {key: v[r:r + 1] for key, v in prefix.items()}
+        full = torch.tensor([row], dtype=torch.long)
+        batch["tokens"] = torch.cat([batch["tokens"], full], 1)
+        batch["position"] = torch.arange(k + len(row))[None]
+        batch["doc_id"] = torch.zeros_like(batch["tokens"])
+        batch["image_id"] = torch.cat([batch["image_id"], torch.full_like(full, -1)], 1)
+        batch["image_pos"] = batch["image_pos"][:1] * 0 + torch.tensor([[0, 2, m.n_patches]])
+        logits = m(batch, z[r:r + 1], t0[r:r + 1])[0][0, k - 1:]
+        greedy = m._text_logits(logits, False).argmax(-1).tolist()
+        assert greedy[: len(row)] == row
+        assert len(row) == 6 or greedy[len(row)] == m.vocab.eos
+
+
+def test_loss_masking_and_per_image_times():
+    m = tiny_model()
+    batch = random_batch(m, 3)
+    tok, mod = batch["tokens"], batch["modality"]
+    target = m.text_targets(batch)
+    inputs = tok[:, :-1]
+    assert not target[inputs == m.vocab.boi].any()  # nothing is learnt from the prediction at BOI
+    assert not target[mod[:, :-1] == IMAGE].any() and not target[mod[:, 1:] == IMAGE].any()
+    assert not target[batch["doc_id"][:, 1:] < 0].any()  # nor from padding or across documents
+    # every caption token, BOI, EOS and the text after EOI is a target
+    expected = (tok[:, 1:] < m.vocab.text_size) | (tok[:, 1:] == m.vocab.eos) | (tok[:, 1:] == m.vocab.boi)
+    expected &= (batch["doc_id"][:, 1:] >= 0) & (tok[:, 1:] != m.vocab.bos) & (mod[:, :-1] == TEXT)
+    assert torch.equal(target, expected) and target.sum() > 0
+    # the caption text of a document is a target; EOI -> next text too
+    assert target[inputs == m.vocab.eoi].all() or not (inputs == m.vocab.eoi).any()
+
+    first = batch["image_first"]
+    assert first.any() and (~first).any()
+    t = torch.stack([m.sample_times(first) for _ in range(200)])
+    assert int(t[:, first].max()) <= 500 and int(t[:, ~first].max()) > 500  # the cap, image-first only
+    assert len(set(t[0].tolist())) > 1  # each image its own time
+
+    # the image loss sees image positions only: a text token's embedding change leaves it alone,
+    # and each image's prediction depends on its own time
+    z = batch["latents"][:, :4]
+    t0 = torch.full((len(z),), 300)
+    eps = torch.randn_like(z)
+    base = m.loss(batch, z, t0, eps)
+    t1 = t0.clone()
+    t1[0] = 900
+    moved = m.loss(batch, z, t1, eps)
+    assert not torch.isclose(base["image_loss"], moved["image_loss"])
+    with torch.no_grad():
+        m.net.tok_emb.weight[m.vocab.pad] += 1.0  # placeholders are replaced by patches
+    same = m.loss(batch, z, t0, eps)
+    torch.testing.assert_close(same["loss"], base["loss"])
+
+
+def transfusion_overrides(data_dir, kl) -> list[str]:
+    return ["model=transfusion", *tiny_data_overrides(data_dir), f"model.tokenizer_ckpt={kl}",
+            "model.net.transformer.dim=32", "model.net.transformer.n_layers=2", "model.net.transformer.n_heads=2",
+            "data.collator.seq_len=128", "model.sampling.steps=3", "model.retrieval_images=16",
+            "model.sample_prompts=[twemoji dog face,openmoji pizza]"]
+
+
+def test_model_transfusion_trains_from_hydra_samples_captions_and_evaluates(tiny_emoji, tiny_kl, domain_weights,
+                                                                             tmp_path):
+    from unifuse.checkpoint import load_pipeline
+    from unifuse.train import train
+
+    r = train(compose_cfg(transfusion_overrides(tiny_emoji, tiny_kl) + [
+        "trainer=debug_limit", "trainer.max_epochs=1", "logger=csv", f"eval.domain_weights={domain_weights}"],
+        tmp_path))
+    metrics = r["metrics"]
+    for key in ("val/loss", "val/text_loss", "val/image_loss", "val/caption_bpb", "val/caption_top1"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["val/caption_top1"] <= 1.0
+    pipe, ck = load_pipeline(r["checkpoint"])
+    assert ck.kind == "transfusion"
+    x = pipe.generate(["twemoji dog face", "openmoji pizza"], steps=3)
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    caps = pipe.caption(x, max_new_tokens=4)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    segs = pipe.document(["twemoji dog face", None, "openmoji pizza", None], steps=2)
+    assert [s["image"].shape for s in segs if "image" in s] == [(3, 16, 16)] * 2
+
+
+def test_ddp_two_processes_transfusion(tiny_emoji, tiny_kl, tmp_path):
+    args = transfusion_overrides(tiny_emoji, tiny_kl) + [
+        f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+        "+trainer.limit_val_batches=1", "callbacks.fidelity.enabled=false"]
+    run(args, tmp_path)
+    dirs = run_dirs(tmp_path / "outputs")
+    assert len(dirs) == 1 and (dirs[0] / "train_ddp_process_1.log").is_file()
+    ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["unifuse"]["kind"] == "transfusion"
+
+
+def test_multirun_over_the_loss_weight_with_ddp(tiny_emoji, tiny_kl, tmp_path):
+    args = ["-m", "model.net.image.diffusion_weight=1.0,5.0", *transfusion_overrides(tiny_emoji, tiny_kl),
+            f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "callbacks.fidelity.enabled=false"]
+    run(args, tmp_path)
+    jobs = sorted((tmp_path / "outputs" / "multiruns").glob("*/*/[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for j, w in zip(jobs, (1.0, 5.0), strict=True):
+        assert (j / "train_ddp_process_1.log").is_file()
+        ck = torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ck["unifuse"]["config"]["image"]["diffusion_weight"] == w

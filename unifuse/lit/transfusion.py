@@ -1,0 +1,110 @@
+"""LightningModule for Transfusion: the packed text/image rows of ``PackingCollator`` in, the
+model's LM + diffusion loss out. Image blocks are the normalised latents of a frozen KL autoencoder
+(from latent shards, posterior sampled, or encoded on the fly), exactly as latent diffusion gets
+them, so this module is latent diffusion with a different net and batch. Caption dropout for
+guidance happens in the collator (``data.collator.p_uncond``), where the sequences are built.
+
+Validation logs ``val/loss``, ``val/text_loss``, ``val/image_loss`` (fixed times and noise),
+``val/caption_bpb`` (bits per UTF-8 byte of the held-out captions' tokens) and
+``val/caption_top1``: for the first ``retrieval_images`` validation images, the model ranks the true
+caption among ``retrieval_candidates`` (the others drawn from the validation captions) by
+log p(caption | image); chance is 1 / candidates."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from unifuse.lit.base import check_finite
+from unifuse.lit.ldm import LatentDiffusionModule
+from unifuse.models.transfusion import Transfusion
+from unifuse.pipeline import TransfusionPipeline
+
+
+class TransfusionModule(LatentDiffusionModule):
+    kind = "transfusion"
+    pipeline_class = TransfusionPipeline
+
+    def __init__(self, net: Transfusion, *args, weight_decay: float = 0.1, retrieval_images: int = 64,
+                 retrieval_candidates: int = 16, **kwargs):
+        super().__init__(net, *args, weight_decay=weight_decay, **kwargs)
+        self.retrieval_images, self.retrieval_candidates = retrieval_images, retrieval_candidates
+        self._pool: list[tuple[torch.Tensor, str]] = []
+        self._byte_len: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        vocab = getattr(getattr(dm, "collator", None), "vocab", None)
+        if vocab is not None and vocab != self.net.vocab:
+            raise ValueError(f"the data collator's vocabulary {vocab} differs from the model's {self.net.vocab}: give "
+                             "data.collator the model's text tokenizer (data.collator.tokenizer)")
+
+    def _batch_size(self, batch: dict) -> int:
+        return int(batch["tokens"].shape[0])
+
+    def _clean_latents(self, batch: dict) -> torch.Tensor:
+        if "latents" not in batch and "image" not in batch:
+            raise ValueError("a Transfusion batch needs images: text-only batches are not supported yet")
+        return self.latents(batch)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.net.loss(batch, self._clean_latents(batch))
+        self.last_batch_tokens = int(out.pop("tokens"))
+        check_finite(out, self.global_step, batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=self._batch_size(batch))
+        return out["loss"]
+
+    def _caption_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes of every vocabulary id (0 for special tokens), for bits per byte."""
+        if self._byte_len is None:
+            v, tok = self.net.vocab, self.net.text_tokenizer
+            lens = [len(tok.decode([i]).encode("utf-8")) for i in range(v.text_size)]
+            self._byte_len = torch.tensor(lens + [0] * (v.size - v.text_size), dtype=torch.float32)
+        return self._byte_len.to(self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        g = torch.Generator().manual_seed(1000 + batch_idx)
+        z = self._clean_latents(batch)
+        t = self.net.sample_times(batch["image_first"], g)
+        eps = torch.randn(z.shape, generator=g).to(z.device)
+        out = self.net.loss(batch, z, t, eps, per_token=True)
+        out.pop("tokens")
+        y, nats = out.pop("text_ids"), out.pop("text_nats")
+        bs = self._batch_size(batch)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=bs)
+        # bits per byte of caption text: the nats of text-token targets over the bytes they spell
+        is_text = y < self.net.vocab.text_size
+        n_bytes = self._caption_bytes()[y[is_text]].sum()
+        if n_bytes > 0:
+            self.log("val/caption_bpb", nats[is_text].sum() / n_bytes / math.log(2), sync_dist=True, batch_size=bs)
+        if len(self._pool) < self.retrieval_images:
+            for zi, cap in zip(z, batch["image_caption"], strict=True):  # normalised posterior samples
+                if cap and len(self._pool) < self.retrieval_images:
+                    self._pool.append((zi.detach(), cap))
+
+    def on_validation_epoch_start(self) -> None:
+        self._pool = []
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self) -> None:
+        pool, k = self._pool, self.retrieval_candidates
+        captions = sorted({c for _, c in pool})
+        if len(captions) < k:
+            return
+        rng = random.Random(0)
+        hits = 0
+        for z, cap in pool:
+            cands = [cap] + rng.sample([c for c in captions if c != cap], k - 1)
+            scores = self.net.caption_logprob(z[None].expand(k, *z.shape), cands)
+            hits += int(scores.argmax()) == 0
+        self.log("val/caption_top1", hits / len(pool), sync_dist=True)
+        self._pool = []
+
+    def flops_per_batch(self, batch: dict) -> float:
+        """Transformer training FLOPs (6N + attention) over the batch's positions, plus the patch
+        projections (small)."""
+        b, length = batch["tokens"].shape
+        return self.net.net.flops_per_token(length) * b * length

@@ -1,0 +1,413 @@
+"""Transfusion (Zhou et al. 2024, arXiv 2408.11039): one transformer trained with next-token loss
+on text and a diffusion loss on continuous image patches.
+
+Sequences are the packed rows of :class:`unifuse.data.collate.PackingCollator`: documents
+``[BOS] text [BOI] image [EOI] text ... [EOS]``, several per row, with per-position ``doc_id``,
+``image_id`` and ``position`` (restarting at 0 in each document). An image block holds the
+patches of one (normalised) autoencoder latent, noised before patchifying with **its own**
+timestep.
+
+* Backbone: the shared :class:`~unifuse.models.transformer.Transformer` (token embedding, blocks,
+  final norm, LM head). Text and special tokens enter through the token embedding; an image
+  position enters as ``patch_in(patch) + 2D sin-cos position + time_mlp(t)``: the time embedding
+  is computed for image positions only and added to every patch vector of that image. (Adding it
+  after the linear projection rather than before: for patch size 1 a patch vector has only
+  ``latent_channels`` entries, and an embedding added there could carry little; added after, it
+  includes every signal the before-projection version can express.)
+* Attention: causal, bidirectional inside each image, never across documents; one mask function
+  (:mod:`unifuse.models.attention`), FlexAttention on GPU, a dense mask on CPU, built once per
+  forward.
+* Outputs: LM logits at every position; ``patch_out(h)`` at image positions is the diffusion
+  prediction (eps by default, or the flow velocity: the net's ``diffusion`` config says which).
+* Loss: cross-entropy on text targets (no loss for the prediction made at a BOI input, nor at
+  image positions) averaged over tokens, plus ``diffusion_weight`` x the diffusion loss of
+  :mod:`unifuse.diffusion` averaged over images. An image that precedes its document's text (a
+  captioning example) has its time capped at ``image_first_max_t`` of the noise range, so the
+  text that follows it learns from a recognisable image.
+
+Inference keeps one KV cache: text is decoded token by token; on BOI, ``n`` noise patches are
+appended and denoised by any sampler of the diffusion module, each step recomputing only the image
+block against the cached prefix (classifier-free guidance: unconditional rows ``[BOS] [BOI]``
+batched with the conditional ones); the clean latent (t = 0) then enters the cache, EOI follows,
+and text decoding continues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from unifuse.diffusion import DiffusionConfig, FlowMatching, Guidance, make_sampler
+from unifuse.diffusion.samplers import randn_like
+from unifuse.models.dit import sincos_2d, timestep_embedding
+from unifuse.models.sampling import left_padded, row_generators, sample_logits
+from unifuse.models.transformer import KVCache, Transformer, TransformerConfig
+from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
+from unifuse.text.vocab import VocabLayout
+
+TEXT, IMAGE = 0, 1  # modality ids, as the collator writes them
+
+
+@dataclass
+class TransfusionConfig:
+    """The image side of the model and the loss mix (typed; stored with the net)."""
+
+    latent_channels: int = 4  # the autoencoder's (checked at setup)
+    latent_size: int = 8  # latent height = width
+    patch_size: int = 1
+    diffusion_weight: float = 5.0  # lambda: loss = LM + lambda * diffusion
+    image_first_max_t: float = 0.5  # images before their text: t <= this fraction of the noise range
+    max_text_len: int = 48  # caption tokens kept in prompts
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="cosine"))
+
+    @property
+    def grid(self) -> int:
+        return self.latent_size // self.patch_size
+
+
+class Transfusion(nn.Module):
+    kind = "transfusion"
+
+    def __init__(self, transformer: TransformerConfig, image: TransfusionConfig | None = None,
+                 text_tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        image = image or TransfusionConfig()
+        if image.latent_size % image.patch_size:
+            raise ValueError(f"latent_size {image.latent_size} is not a multiple of patch_size {image.patch_size}")
+        self.icfg = image
+        self.text_tokenizer = text_tokenizer or ByteTokenizer()
+        self.vocab = VocabLayout(text_size=max(self.text_tokenizer.vocab_size, 1))
+        self.net = Transformer(TransformerConfig(**{**asdict(transformer), "vocab_size": self.vocab.size}))
+        self.diffusion = image.diffusion.build()
+        dim, cpp = self.net.cfg.dim, image.latent_channels * image.patch_size**2
+        self.patch_in = nn.Linear(cpp, dim)
+        self.register_buffer("pos_emb", sincos_2d(image.grid, dim), persistent=False)
+        self.t_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.patch_out = nn.Linear(dim, cpp)
+        nn.init.zeros_(self.patch_out.weight)
+        nn.init.zeros_(self.patch_out.bias)
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        return {"transformer": self.net.config(), "image": asdict(self.icfg),
+                "text_tokenizer": self.text_tokenizer.to_config()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Transfusion:
+        image = dict(config["image"])
+        image["diffusion"] = DiffusionConfig(**image.get("diffusion") or {})
+        return cls(TransformerConfig(**config["transformer"]), TransfusionConfig(**image),
+                   load_tokenizer(config.get("text_tokenizer")))
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.icfg.latent_channels, self.icfg.latent_size, self.icfg.latent_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.icfg.grid**2
+
+    # ------------------------------------------------------------------ images in and out
+    def embed_image(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) noisy latents at times (N,) -> (N, patches, dim) input vectors."""
+        b, c, h, w = z.shape
+        p = self.icfg.patch_size
+        patches = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        t = t * 1000.0 if isinstance(self.diffusion, FlowMatching) else t  # flow times in [0, 1]
+        temb = self.t_mlp(timestep_embedding(t.expand(b), 256).to(self.patch_in.weight.dtype))
+        x = self.patch_in(patches.to(self.patch_in.weight.dtype)) + self.pos_emb.to(self.patch_in.weight.dtype)
+        return x + temb[:, None]
+
+    def image_output(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, patches, dim) hidden states -> (N, C, H, W) predictions, float32."""
+        n, g, p, c = h.shape[0], self.icfg.grid, self.icfg.patch_size, self.icfg.latent_channels
+        x = self.patch_out(h).float()
+        return x.reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, g * p, g * p)
+
+    def _image_index(self, image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(N, patches) flat indices into (B * L) of every image block's positions."""
+        n = self.n_patches
+        if image_pos.numel() and bool((image_pos[:, 2] != n).any()):
+            raise ValueError(f"image blocks of {image_pos[:, 2].unique().tolist()} positions, but the model "
+                             f"patchifies a latent into {n}: set the collator's image_tokens to {n}")
+        return (image_pos[:, :1] * seq_len + image_pos[:, 1:2]) + torch.arange(n, device=image_pos.device)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows (``tokens``, ``position``, ``doc_id``, ``image_id``, ``image_pos``) with the
+        noisy latents of their image blocks -> (LM logits (B, L, V), image predictions (N, C, H, W))."""
+        tokens = batch["tokens"]
+        b, length = tokens.shape
+        x = self.net.tok_emb(tokens)
+        idx = self._image_index(batch["image_pos"], length).flatten()
+        if idx.numel():
+            img = self.embed_image(z_t, t).to(x.dtype)
+            x = x.flatten(0, 1).index_copy(0, idx, img.flatten(0, 1)).view(b, length, -1)
+        h = self.net.forward_hidden(x, batch["position"], doc_id=batch["doc_id"], image_id=batch["image_id"])
+        out = self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1))
+        return self.net.lm_head(h), out
+
+    def text_targets(self, batch: dict) -> torch.Tensor:
+        """(B, L-1) True where the token at i+1 is a text/special target predicted from a text or
+        special input at i of the same document. A BOI input is always followed by an image
+        position, so no loss falls on the prediction made at BOI (nor at EOI's from the last patch)."""
+        mod, doc = batch["modality"], batch["doc_id"]
+        same_doc = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
+        return same_doc & (mod[:, :-1] == TEXT) & (mod[:, 1:] == TEXT)
+
+    def sample_times(self, image_first: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-image training times; images that precede their text are capped (see the module doc)."""
+        cap = torch.where(image_first.cpu(), self.icfg.image_first_max_t, 1.0).double()
+        return self.diffusion.sample_t(len(image_first), "cpu", generator, max_frac=cap).to(image_first.device)
+
+    def loss(self, batch: dict, z: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+             per_token: bool = False) -> dict[str, torch.Tensor]:
+        """``z``: (N, C, H, W) clean normalised latents of the batch's image blocks, in order.
+        ``per_token``: also the text targets' ids and nats (``text_ids``, ``text_nats``)."""
+        t = self.sample_times(batch["image_first"]) if t is None else t
+        logits = {}
+
+        def model(x_t, tt):
+            logits["lm"], out = self(batch, x_t, tt)
+            return out
+
+        diff = self.diffusion.loss(model, z, t, eps)  # (N,) per image, float32
+        target = self.text_targets(batch)
+        y = batch["tokens"][:, 1:][target]
+        nats = F.cross_entropy(logits["lm"][:, :-1][target].float(), y, reduction="none")
+        ce, image_loss = nats.mean(), diff.mean()
+        out = {"loss": ce + self.icfg.diffusion_weight * image_loss, "text_loss": ce, "image_loss": image_loss,
+               "tokens": torch.tensor(batch["tokens"].numel())}
+        return {**out, "text_ids": y, "text_nats": nats} if per_token else out
+
+    # ------------------------------------------------------------------ inference
+    def text_ids(self, text: str | None) -> list[int]:
+        return self.text_tokenizer.encode(text)[: self.icfg.max_text_len] if text else []
+
+    def _device(self):
+        return self.net.tok_emb.weight.device
+
+    def _denoise(self, cache: KVCache, img_pos: torch.Tensor, block: int, b: int, sampler: str, steps: int,
+                 cfg_scale: float | None, cfg_schedule: str, eta: float, gens) -> torch.Tensor:
+        """Denoise one image block at ``img_pos`` after what ``cache`` holds (rows: b conditional,
+        then b unconditional when guided); the cache is left as it was."""
+        rows, n = cache.k[0].shape[0], self.n_patches
+        doc, image_id = torch.zeros_like(img_pos), torch.full_like(img_pos, block)
+
+        def net(x, t, cond):
+            r = x.shape[0]
+            if r < rows:  # guidance switched off for this step: the unconditional rows ride along
+                x, t = torch.cat([x, x])[:rows], torch.cat([t, t])[:rows]
+            h = self.net.forward_hidden(self.embed_image(x, t), img_pos, doc_id=doc, image_id=image_id, cache=cache)
+            cache.truncate(cache.length - n)
+            return self.image_output(h)[:r]
+
+        opts = {"eta": eta} if sampler == "ddim" else {}
+        smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
+        calls = int(steps) * (2 if sampler == "heun" else 1)
+        model = Guidance(cfg_scale, cfg_schedule).wrap(net, {}, {}, calls)
+        x = randn_like(torch.empty(b, *self.latent_shape(), device=img_pos.device), gens)
+        return smp.run(model, x, generator=gens)
+
+    def _commit_image(self, cache: KVCache, z: torch.Tensor, img_pos: torch.Tensor, block: int) -> None:
+        """The clean latent (t = 0) enters the cache."""
+        t0 = torch.zeros(len(z), device=z.device)
+        t0 = t0 if isinstance(self.diffusion, FlowMatching) else t0.long()
+        self.net.forward_hidden(self.embed_image(z, t0), img_pos, doc_id=torch.zeros_like(img_pos),
+                                image_id=torch.full_like(img_pos, block), cache=cache)
+
+    @torch.no_grad()
+    def generate(self, conds: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
+                 cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
+                 use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+        """Text -> image: ``[BOS] caption [BOI]`` then an image block -> (B, C, H, W) latents.
+        ``use_cache=False`` reruns the whole sequence at every step (the reference)."""
+        dev, b, n, v = self._device(), len(conds), self.n_patches, self.vocab
+        rows = [[v.bos, *self.text_ids(c), v.boi] for c in conds]
+        rows += [[v.bos, v.boi]] * b if cfg_scale is not None else []
+        pr = left_padded(rows, v.pad, dev)
+        gens = row_generators(seed, b, dev)
+        img_pos = pr.lengths[:, None] + torch.arange(n, device=dev)
+        if use_cache:
+            cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n + 1)
+            self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions, doc_id=pr.doc_id, cache=cache)
+            return self._denoise(cache, img_pos, 0, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens)
+        p = pr.tokens.shape[1]
+        batch = {"tokens": torch.cat([pr.tokens, torch.full((len(rows), n), v.pad, device=dev)], 1),
+                 "position": torch.cat([pr.positions, img_pos], 1),
+                 "doc_id": torch.cat([pr.doc_id, torch.zeros_like(img_pos)], 1),
+                 "image_id": torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(img_pos)], 1),
+                 "image_pos": torch.stack([torch.arange(len(rows), device=dev), torch.full((len(rows),), p, device=dev),
+                                           torch.full((len(rows),), n, device=dev)], 1)}
+
+        def net(x, t, cond):
+            r = x.shape[0]
+            x, t = torch.cat([x, x])[:len(rows)], torch.cat([t, t])[:len(rows)]
+            return self(batch, x, t)[1][:r]
+
+        opts = {"eta": eta} if sampler == "ddim" else {}
+        smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
+        model = Guidance(cfg_scale, cfg_schedule).wrap(net, {}, {}, int(steps) * (2 if sampler == "heun" else 1))
+        x = randn_like(torch.empty(b, *self.latent_shape(), device=dev), gens)
+        return smp.run(model, x, generator=gens)
+
+    def _image_prefix(self, z: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """``[BOS] [BOI] image [EOI]`` rows for clean latents z: (batch for :meth:`forward`, t = 0)."""
+        dev, b, n, v = z.device, len(z), self.n_patches, self.vocab
+        tokens = torch.tensor([v.bos, v.boi] + [v.pad] * n + [v.eoi], device=dev).expand(b, -1)
+        mod = torch.tensor([TEXT, TEXT] + [IMAGE] * n + [TEXT], device=dev).expand(b, -1)
+        image_id = torch.where(mod == IMAGE, 0, -1)
+        batch = {"tokens": tokens, "modality": mod, "position": torch.arange(n + 3, device=dev).expand(b, -1),
+                 "doc_id": torch.zeros_like(tokens), "image_id": image_id,
+                 "image_pos": torch.stack([torch.arange(b, device=dev), torch.full((b,), 2, device=dev),
+                                           torch.full((b,), n, device=dev)], 1)}
+        t0 = torch.zeros(b, device=dev)
+        return batch, (t0 if isinstance(self.diffusion, FlowMatching) else t0.long())
+
+    @torch.no_grad()
+    def caption_logprob(self, z: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """(B,) log p(caption, EOS | image) summed over tokens, for row i's latent and caption i."""
+        prefix, t0 = self._image_prefix(z)
+        v, b, dev = self.vocab, len(z), z.device
+        ids = [self.text_ids(c) + [v.eos] for c in captions]
+        m = max(len(r) for r in ids)
+        cap = torch.full((b, m), v.pad, device=dev)
+        valid = torch.zeros((b, m), dtype=torch.bool, device=dev)
+        for i, r in enumerate(ids):
+            cap[i, : len(r)] = torch.tensor(r, device=dev)
+            valid[i, : len(r)] = True
+        k = prefix["tokens"].shape[1]
+        batch = dict(prefix)
+        batch["tokens"] = torch.cat([prefix["tokens"], cap], 1)
+        batch["position"] = torch.arange(k + m, device=dev).expand(b, -1)
+        batch["doc_id"] = torch.cat([prefix["doc_id"], torch.where(valid, 0, -1)], 1)
+        batch["image_id"] = torch.cat([prefix["image_id"], torch.full_like(cap, -1)], 1)
+        logits, _ = self(batch, z, t0)
+        logp = logits[:, k - 1:-1].float().log_softmax(-1).gather(-1, cap[..., None])[..., 0]
+        return (logp * valid).sum(1)
+
+    def _text_logits(self, logits: torch.Tensor, allow_boi: bool) -> torch.Tensor:
+        """Only text tokens, EOS (and BOI when images may be generated) can be sampled."""
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[: self.vocab.text_size] = True
+        keep[self.vocab.eos] = True
+        keep[self.vocab.boi] = allow_boi
+        return logits.float().masked_fill(~keep, float("-inf"))
+
+    @torch.no_grad()
+    def caption(self, z: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
+                ) -> list[str]:
+        """Image -> text: ``[BOS] [BOI] image [EOI]`` then text decoded with the KV cache until EOS."""
+        ids = self.caption_ids(z, max_new_tokens, temperature, top_k, top_p, seed)
+        return [self.text_tokenizer.decode(r) for r in ids]
+
+    @torch.no_grad()
+    def caption_ids(self, z: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
+                    ) -> list[list[int]]:
+        """:meth:`caption` as token ids (without the EOS)."""
+        b, dev = len(z), z.device
+        prefix, t0 = self._image_prefix(z)
+        k = prefix["tokens"].shape[1]
+        cache = self.net.new_cache(b, k + max_new_tokens)
+        x = self.net.tok_emb(prefix["tokens"])
+        idx = self._image_index(prefix["image_pos"], k).flatten()
+        x = x.flatten(0, 1).index_copy(0, idx, self.embed_image(z, t0).to(x.dtype).flatten(0, 1)).view(b, k, -1)
+        h = self.net.forward_hidden(x, prefix["position"], doc_id=prefix["doc_id"], image_id=prefix["image_id"],
+                                    cache=cache)[:, -1]
+        gens = row_generators(seed, b, dev)
+        out = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            tok = sample_logits(self._text_logits(self.net.lm_head(h), False), temperature, top_k, top_p, gens)
+            for r in range(b):
+                if not done[r] and int(tok[r]) != self.vocab.eos:
+                    out[r].append(int(tok[r]))
+            done |= tok == self.vocab.eos
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            h = self.net.forward_hidden(self.net.tok_emb(tok[:, None]), torch.full((b, 1), k + i, device=dev),
+                                        cache=cache)[:, -1]
+        return out
+
+    def _feed(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
+        """Append tokens to a one-document cache (positions continue); the last hidden state (R, dim)."""
+        dev, r = self._device(), cache.k[0].shape[0]
+        tok = torch.tensor(ids, device=dev).expand(r, -1)
+        pos = cache.length + torch.arange(len(ids), device=dev).expand(r, -1)
+        return self.net.forward_hidden(self.net.tok_emb(tok), pos, doc_id=torch.zeros_like(tok), cache=cache)[:, -1]
+
+    def _with_uncond(self, cache: KVCache) -> KVCache:
+        """A two-row copy of a one-row cache whose second row is the unconditional ``[BOS] [BOI]``,
+        right-aligned (its padding has doc_id -1), for guidance at an image inside a document."""
+        v, length = self.vocab, cache.length
+        un = self.net.new_cache(1, 2)
+        self._feed(un, [v.bos, v.boi])
+        both = self.net.new_cache(2, cache.max_len)
+        for i in range(len(both.k)):
+            both.k[i][0], both.v[i][0] = cache.k[i][0], cache.v[i][0]
+            both.k[i][1, :, length - 2:length], both.v[i][1, :, length - 2:length] = un.k[i][0], un.v[i][0]
+        both.doc_id[0], both.image_id[0] = cache.doc_id[0], cache.image_id[0]
+        both.doc_id[1, length - 2:length] = 0
+        both.length, both.plain = length, False
+        return both
+
+    @torch.no_grad()
+    def document(self, parts: list[str | None], max_new_tokens: int = 0, max_images: int = 4,
+                 sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
+                 cfg_schedule: str = "constant", eta: float = 0.0, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[dict]:
+        """An interleaved document, decoded with one KV cache: ``parts`` are given text (str) and
+        images to generate there (None: a forced BOI); then up to ``max_new_tokens`` sampled
+        tokens, in which a sampled BOI starts another image (at most ``max_images`` in all).
+        Returns segments ``{"text": str}`` / ``{"image": (C, H, W) latent}``; generated text is
+        ``{"text": str, "generated": True}``. Image k uses seed ``seed + 1 + k``."""
+        v, dev, n = self.vocab, self._device(), self.n_patches
+        parts = list(parts)
+        size = 2 + sum(len(self.text_ids(p)) for p in parts if p) + max_images * (n + 2) + max_new_tokens
+        cache = self.net.new_cache(1, size)
+        h = self._feed(cache, [v.bos])
+        gen = row_generators(seed, 1, dev)
+        segments: list[dict] = []
+        images = new = 0
+        while parts or new < max_new_tokens:
+            part = parts.pop(0) if parts else "<sample>"
+            if part == "<sample>":
+                logits = self._text_logits(self.net.lm_head(h), images < max_images)
+                tok = int(sample_logits(logits, temperature, top_k, top_p, gen)[0])
+                new += 1
+                if tok == v.eos:
+                    break
+                if tok == v.boi:
+                    parts.insert(0, None)
+                    continue
+                if not (segments and segments[-1].get("generated")):
+                    segments.append({"text": "", "ids": [], "generated": True})
+                segments[-1]["ids"].append(tok)
+                segments[-1]["text"] = self.text_tokenizer.decode(segments[-1]["ids"])
+                h = self._feed(cache, [tok])
+            elif part is None:
+                if images >= max_images:
+                    continue
+                self._feed(cache, [v.boi])
+                guided = self._with_uncond(cache) if cfg_scale is not None else cache
+                img_pos = cache.length + torch.arange(n, device=dev)[None]
+                if cfg_scale is not None:
+                    img_pos = torch.cat([img_pos, 2 + torch.arange(n, device=dev)[None]])
+                z = self._denoise(guided, img_pos, images, 1, sampler, steps, cfg_scale, cfg_schedule, eta,
+                                  row_generators(seed + 1 + images, 1, dev))
+                self._commit_image(cache, z, img_pos[:1], images)
+                h = self._feed(cache, [v.eoi])
+                segments.append({"image": z[0]})
+                images += 1
+            else:
+                ids = self.text_ids(part)
+                if ids:
+                    h = self._feed(cache, ids)
+                segments.append({"text": part})
+        for s in segments:
+            s.pop("ids", None)
+        return segments
