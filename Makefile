@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/emoji32/train/_index.json
 ARGS   ?=
 
-.PHONY: help setup data train train-ar train-maskgit train-kl train-ldm test bench lint mutation clean
+.PHONY: help setup data train train-vqvae train-ar train-maskgit train-kl train-ldm test bench lint mutation clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -22,13 +22,18 @@ $(STAMP): pyproject.toml
 data: setup  ## build the embedded emoji dataset (32x32) into data/ if missing
 	@test -f $(DATA) || $(BIN)/python -m unifuse.data build emoji --size 32
 
-train: setup data  ## train the default VQ-VAE on emoji (minutes on CPU); extra overrides in ARGS="..."
+train: setup data  ## text-to-image Transfusion on emoji (+ its KL autoencoder when there is none); ARGS="..."
+	@$(BIN)/python -c "from unifuse.config import latest_checkpoint as l; l('outputs', 'kl_emoji')" 2>/dev/null \
+		|| $(BIN)/python -m unifuse.train experiment=kl_emoji
+	$(BIN)/python -m unifuse.train experiment=transfusion_emoji $(ARGS)
+
+train-vqvae: setup data  ## the VQ-VAE image tokenizer of the AR GPT and MaskGIT (about 7 min on CPU)
 	$(BIN)/python -m unifuse.train experiment=vqvae_emoji $(ARGS)
 
-train-ar: setup data  ## AR image GPT on emoji codes from the newest `make train` tokenizer (ARGS="...")
+train-ar: setup data  ## AR image GPT on emoji codes from the newest `make train-vqvae` tokenizer (ARGS="...")
 	$(BIN)/python -m unifuse.train experiment=ar_emoji $(ARGS)
 
-train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train` tokenizer
+train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train-vqvae` tokenizer
 	$(BIN)/python -m unifuse.train experiment=maskgit_emoji $(ARGS)
 
 train-kl: setup data  ## KL autoencoder on emoji (the latent space of train-ldm; about 9 min on CPU)
@@ -46,6 +51,7 @@ bench: setup data  ## run the benchmarks under experiments/bench and print their
 	$(BIN)/python experiments/bench/transformer.py
 	$(BIN)/python experiments/bench/streams.py
 	$(BIN)/python experiments/bench/diffusion.py
+	$(BIN)/python -m pip install -q -e '.[bench]' && $(BIN)/python experiments/bench/transfusion.py
 
 lint: setup  ## ruff
 	$(BIN)/ruff check unifuse tests experiments

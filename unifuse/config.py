@@ -110,7 +110,7 @@ def wandb_run(field_name: str, ckpt_path: str | None = None, task_name: str = "t
 
 def latest_checkpoint(log_dir: str, task_name: str) -> str:
     """Newest ``last.ckpt`` of a run whose task_name matches, e.g. the tokenizer trained by
-    ``make train``. Fails naming the setting to use instead."""
+    ``make train-vqvae``. Fails naming the setting to use instead."""
     best, best_time = None, -1.0
     for cfg_file in Path(log_dir).glob("**/.hydra/config.yaml"):
         ckpt = cfg_file.parent.parent / "checkpoints" / "last.ckpt"
@@ -124,8 +124,8 @@ def latest_checkpoint(log_dir: str, task_name: str) -> str:
             best, best_time = ckpt, ckpt.stat().st_mtime
     if best is None:
         raise FileNotFoundError(
-            f"no checkpoint of a '{task_name}' run under {log_dir}: train one first (`make train` trains the "
-            f"VQ-VAE tokenizer) or set model.tokenizer_ckpt=<path to last.ckpt>"
+            f"no checkpoint of a '{task_name}' run under {log_dir}: train one first "
+            f"(`python -m unifuse.train experiment={task_name}`) or set model.tokenizer_ckpt=<path to last.ckpt>"
         )
     return str(best)
 
