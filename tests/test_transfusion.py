@@ -187,6 +187,23 @@ def test_model_transfusion_trains_from_hydra_samples_captions_and_evaluates(tiny
     segs = pipe.document(["twemoji dog face", None, "openmoji pizza", None], steps=2)
     assert [s["image"].shape for s in segs if "image" in s] == [(3, 16, 16)] * 2
 
+    # the sampling CLI: text -> image, image -> text, and an interleaved document with two images
+    from PIL import Image
+
+    from unifuse.sample import main as sample_main
+
+    ckpt = r["checkpoint"]
+    grid = sample_main([f"ckpt={ckpt}", "prompt=twemoji dog face", "n=2", "steps=2", f"out={tmp_path}/t2i.png"])
+    assert Image.open(grid).size[0] > 0
+    png = tmp_path / "in.png"
+    Image.fromarray(((x[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()).save(png)
+    out = sample_main([f"ckpt={ckpt}", "mode=caption", f"image={png}|{png}", "max_new_tokens=4",
+                       f"out={tmp_path}/cap.png"])
+    assert out.is_file()
+    out = sample_main([f"ckpt={ckpt}", "mode=document", "prompt='twemoji dog face<image>openmoji pizza<image>'",
+                       "steps=2", "max_new_tokens=0", f"out={tmp_path}/doc.png"])
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # two images side by side
+
 
 def test_ddp_two_processes_transfusion(tiny_emoji, tiny_kl, tmp_path):
     args = transfusion_overrides(tiny_emoji, tiny_kl) + [

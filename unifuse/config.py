@@ -169,7 +169,10 @@ class SampleApp(SamplingOverrides):
     """``python -m unifuse.sample``."""
 
     ckpt: str = MISSING  # checkpoint (.ckpt) or export directory
-    prompt: str | None = None  # several prompts: "a|b"; required unless uncond=true
+    mode: str = "text2image"  # text2image | caption (image -> text) | document (interleaved; Transfusion)
+    prompt: str | None = None  # several prompts: "a|b"; required unless uncond=true. document: "<image>" marks images
+    image: str | None = None  # mode=caption: image files to caption, "a.png|b.png"
+    max_new_tokens: int = 48  # mode=caption / document: generated text tokens at most
     uncond: bool = False  # with prompt='': unconditional samples
     n: int = 16  # samples per prompt
     out: str | None = None  # PNG path; default <run>/samples/...

@@ -10,6 +10,16 @@ Sampling settings (cfg_scale, cfg_schedule, temperature, top_k, top_p, steps, se
 ones the training run stored; ``cfg_scale=null`` samples without guidance. A prompt is required:
 ``prompt='' uncond=true`` asks for unconditional samples explicitly. ``--cfg job`` prints the
 config; ``-m`` sweeps (e.g. ``-m cfg_scale=1,3``) write one grid per job.
+
+Models that also read images (Transfusion) have two more modes:
+
+* ``mode=caption image="a.png|b.png"``: image -> text; prints the captions and writes the images
+  with their captions under them.
+* ``mode=document "prompt='twemoji red heart<image>openmoji grinning face<image>'"``: an
+  interleaved document (Hydra needs the inner quotes around ``<``), ``<image>`` marking where an
+  image is generated after the text before it; then up to
+  ``max_new_tokens`` more tokens are sampled (a sampled BOI starts another image). Writes the
+  images with the text that precedes each.
 """
 
 from __future__ import annotations
@@ -40,14 +50,85 @@ def default_out(ckpt_path: Path, kind: str, prompts: list[str], seed) -> Path:
     return run / "samples" / f"{kind}_{slug}_s{seed}.png"
 
 
+def _needs(pipe, method: str, mode: str, kind: str) -> None:
+    if not hasattr(pipe, method):
+        raise ValueError(f"mode={mode} needs a model that reads images and writes text (transfusion); "
+                         f"this checkpoint is a {kind}")
+
+
+def caption_images(cfg: DictConfig, pipe, ck) -> Path:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unifuse.viz import save_captioned_grid
+
+    _needs(pipe, "caption", "caption", ck.kind)
+    if not cfg.image:
+        raise ValueError('mode=caption needs image="a.png|b.png"')
+    size = pipe.tokenizer.downsample_factor * pipe.net.latent_shape()[1]
+    images = []
+    for path in str(cfg.image).split("|"):
+        img = Image.open(path.strip()).convert("RGB").resize((size, size), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+    x = torch.stack(images)
+    with torch.inference_mode():
+        captions = pipe.caption(x, max_new_tokens=cfg.max_new_tokens)
+    for path, c in zip(str(cfg.image).split("|"), captions, strict=True):
+        print(f"{path.strip()}: {c}")
+    out = Path(cfg.out) if cfg.out else default_out(ck.path, ck.kind, ["captions"], 0)
+    save_captioned_grid((x + 1) / 2, captions, out, nrow=min(len(captions), 8))
+    print(f"-> {out}")
+    return out
+
+
+def write_document(cfg: DictConfig, pipe, ck, overrides: dict) -> Path:
+    import torch
+
+    from unifuse.viz import save_captioned_grid
+
+    _needs(pipe, "document", "document", ck.kind)
+    if not cfg.prompt:
+        raise ValueError('mode=document needs prompt="text<image>more text<image>"')
+    parts: list[str | None] = []
+    for i, chunk in enumerate(str(cfg.prompt).split("<image>")):
+        if i:
+            parts.append(None)
+        if chunk.strip():
+            parts.append(chunk.strip())
+    with torch.inference_mode():
+        segs = pipe.document(parts, max_new_tokens=cfg.max_new_tokens, **overrides)
+    text, images, captions = "", [], []
+    for s in segs:
+        if "image" in s:
+            images.append((s["image"].cpu() + 1) / 2)
+            captions.append(text.strip()[-40:])
+            text = ""
+        else:
+            text += " " + s["text"]
+    print(" ".join(("[image]" if "image" in s else s["text"]) for s in segs))
+    if not images:
+        raise ValueError("the document has no image (add <image> to the prompt)")
+    out = Path(cfg.out) if cfg.out else default_out(ck.path, ck.kind, ["document"], overrides.get("seed", 0))
+    save_captioned_grid(torch.stack(images), captions, out, nrow=len(images))
+    print(f"{len(images)} images -> {out}")
+    return out
+
+
 def sample(cfg: DictConfig) -> Path:
     import torch
 
     from unifuse.checkpoint import load_pipeline
     from unifuse.viz import save_captioned_grid
 
-    prompts = parse_prompts(cfg.prompt, cfg.uncond)
+    if cfg.mode not in ("text2image", "caption", "document"):
+        raise ValueError(f"mode must be text2image, caption or document, not {cfg.mode!r}")
     pipe, ck = load_pipeline(cfg.ckpt, cfg.tokenizer, cfg.device)
+    if cfg.mode == "caption":
+        return caption_images(cfg, pipe, ck)
+    if cfg.mode == "document":
+        return write_document(cfg, pipe, ck, given(cfg, SamplingOverrides))
+    prompts = parse_prompts(cfg.prompt, cfg.uncond)
     overrides = given(cfg, SamplingOverrides)
     settings = pipe.settings(**overrides)
     n = cfg.n

@@ -359,7 +359,7 @@ class Transfusion(nn.Module):
     def document(self, parts: list[str | None], max_new_tokens: int = 0, max_images: int = 4,
                  sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
                  cfg_schedule: str = "constant", eta: float = 0.0, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[dict]:
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = 0) -> list[dict]:
         """An interleaved document, decoded with one KV cache: ``parts`` are given text (str) and
         images to generate there (None: a forced BOI); then up to ``max_new_tokens`` sampled
         tokens, in which a sampled BOI starts another image (at most ``max_images`` in all).
@@ -398,7 +398,7 @@ class Transfusion(nn.Module):
                 if cfg_scale is not None:
                     img_pos = torch.cat([img_pos, 2 + torch.arange(n, device=dev)[None]])
                 z = self._denoise(guided, img_pos, images, 1, sampler, steps, cfg_scale, cfg_schedule, eta,
-                                  row_generators(seed + 1 + images, 1, dev))
+                                  row_generators(None if seed is None else seed + 1 + images, 1, dev))
                 self._commit_image(cache, z, img_pos[:1], images)
                 h = self._feed(cache, [v.eoi])
                 segments.append({"image": z[0]})
