@@ -24,7 +24,7 @@ def tiny_model(transport: str = "ddpm", **image) -> Transfusion:
     cfg = TransfusionConfig(latent_size=4, diffusion=DiffusionConfig(transport=transport, schedule="cosine"), **image)
     m = Transfusion(TransformerConfig(dim=32, n_layers=2, n_heads=2), cfg).eval()
     with torch.no_grad():  # the zero-initialised output head: give it something to say
-        m.patch_out.weight.normal_(0, 0.02)
+        (m.unet.conv_out if m.unet is not None else m.patch_out).weight.normal_(0, 0.02)
     return m
 
 
@@ -80,9 +80,11 @@ def test_mask_is_built_once_per_forward(monkeypatch):
     assert len(calls) == 1 and m.net.cfg.n_layers == 2
 
 
-@pytest.mark.parametrize("transport,sampler", [("ddpm", "ddim"), ("flow", "heun")])
-def test_kv_cached_sampling_equals_full_recomputation(transport, sampler):
-    m = tiny_model(transport)
+@pytest.mark.parametrize("transport,sampler,encoder", [("ddpm", "ddim", "linear"), ("flow", "heun", "linear"),
+                                                      ("flow", "euler", "unet")])
+def test_kv_cached_sampling_equals_full_recomputation(transport, sampler, encoder):
+    m = tiny_model(transport, patch_encoder=encoder, unet_channels=16, unet_blocks=1,
+                   patch_size=2 if encoder == "unet" else 1)
     prompts = ["abc", "a much longer caption", ""]
     for cfg in (None, 3.0):
         a = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=True)
@@ -227,3 +229,14 @@ def test_multirun_over_the_loss_weight_with_ddp(tiny_emoji, tiny_kl, tmp_path):
         assert (j / "train_ddp_process_1.log").is_file()
         ck = torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)
         assert ck["unifuse"]["config"]["image"]["diffusion_weight"] == w
+
+
+def test_unet_patch_encoder_trains_both_halves_and_downsamples_by_the_patch_size():
+    m = tiny_model("flow", patch_encoder="unet", unet_channels=16, unet_blocks=2, patch_size=2).train()
+    assert m.n_patches == 4 and not hasattr(m, "patch_in")
+    batch = random_batch(m, 0)
+    m.loss(batch, batch["latents"][:, :4])["loss"].backward()
+    for name in ("down.0.conv1.weight", "down.3.emb.weight", "up.0.conv1.weight", "conv_out.weight",
+                 "to_tokens.weight"):
+        g = dict(m.unet.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name

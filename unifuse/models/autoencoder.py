@@ -42,7 +42,11 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int, dropout: float = 0.0):
+    """Pre-activation residual block. ``emb_dim > 0`` adds conditioning (e.g. a diffusion timestep):
+    a per-channel scale and shift regressed from the embedding after the second norm (ADM's
+    scale-shift norm)."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, dropout: float = 0.0, emb_dim: int = 0):
         super().__init__()
         self.norm1 = _norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -50,10 +54,14 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.emb = nn.Linear(emb_dim, 2 * c_out) if emb_dim > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, 1)
+            h = torch.addcmul(shift, h, 1 + scale)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -14,6 +14,10 @@ timestep.
   after the linear projection rather than before: for patch size 1 a patch vector has only
   ``latent_channels`` entries, and an embedding added there could carry little; added after, it
   includes every signal the before-projection version can express.)
+* Patch encoders (``patch_encoder``): ``linear`` as above, or ``unet``: the paper's U-Net down
+  blocks (residual conv blocks of the autoencoder body, conditioned on the time embedding, one
+  stride-2 stage per factor 2 of ``patch_size``) before the transformer and the matching up blocks
+  after it, with a skip from the down path to the output head.
 * Attention: causal, bidirectional inside each image, never across documents; one mask function
   (:mod:`unifuse.models.attention`), FlexAttention on GPU, a dense mask on CPU, built once per
   forward.
@@ -42,6 +46,7 @@ from torch.nn import functional as F
 
 from unifuse.diffusion import DiffusionConfig, FlowMatching, Guidance, make_sampler
 from unifuse.diffusion.samplers import randn_like
+from unifuse.models.autoencoder import Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
 from unifuse.models.sampling import left_padded, row_generators, sample_logits
 from unifuse.models.transformer import KVCache, Transformer, TransformerConfig
@@ -61,11 +66,56 @@ class TransfusionConfig:
     diffusion_weight: float = 5.0  # lambda: loss = LM + lambda * diffusion
     image_first_max_t: float = 0.5  # images before their text: t <= this fraction of the noise range
     max_text_len: int = 48  # caption tokens kept in prompts
+    patch_encoder: str = "linear"  # linear | unet
+    unet_channels: int = 64  # unet: conv width
+    unet_blocks: int = 2  # unet: residual blocks per level
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="cosine"))
 
     @property
     def grid(self) -> int:
         return self.latent_size // self.patch_size
+
+
+class UNetPatches(nn.Module):
+    """U-Net down blocks (latent -> one vector per patch, plus skips) and the matching up blocks
+    (transformer outputs + skips -> the prediction), both conditioned on the time embedding."""
+
+    def __init__(self, cfg: TransfusionConfig, dim: int):
+        super().__init__()
+        ch, c, nb = cfg.unet_channels, cfg.latent_channels, cfg.unet_blocks
+        levels = cfg.patch_size.bit_length() - 1
+        if 1 << levels != cfg.patch_size:
+            raise ValueError(f"patch_encoder=unet needs a power-of-two patch_size, not {cfg.patch_size}")
+        self.conv_in = nn.Conv2d(c, ch, 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(ch, ch, 32, emb_dim=dim) for _ in range(nb * (levels + 1)))
+        self.downsample = nn.ModuleList(Downsample(ch) for _ in range(levels))
+        self.to_tokens = nn.Conv2d(ch, dim, 1)
+        self.from_tokens = nn.Conv2d(dim, ch, 1)
+        self.up = nn.ModuleList(ResBlock(2 * ch, ch, 32, emb_dim=dim) for _ in range(nb * (levels + 1)))
+        self.upsample = nn.ModuleList(Upsample(ch) for _ in range(levels))
+        self.norm_out = nn.GroupNorm(32 if ch % 32 == 0 else 1, ch)
+        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.nb = nb
+
+    def encode(self, z: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h, skips = self.conv_in(z), []
+        for i, blk in enumerate(self.down):
+            h = blk(h, emb)
+            skips.append(h)
+            if (i + 1) % self.nb == 0 and (i + 1) // self.nb <= len(self.downsample):
+                h = self.downsample[(i + 1) // self.nb - 1](h)
+        return self.to_tokens(h).flatten(2).transpose(1, 2), skips
+
+    def decode(self, tokens: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        n, g = tokens.shape[0], int(round(tokens.shape[1] ** 0.5))
+        h = self.from_tokens(tokens.transpose(1, 2).reshape(n, -1, g, g))
+        for i, blk in enumerate(self.up):
+            if i and i % self.nb == 0:
+                h = self.upsample[i // self.nb - 1](h)
+            h = blk(torch.cat([h, skips[-1 - i]], 1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Transfusion(nn.Module):
@@ -83,12 +133,15 @@ class Transfusion(nn.Module):
         self.net = Transformer(TransformerConfig(**{**asdict(transformer), "vocab_size": self.vocab.size}))
         self.diffusion = image.diffusion.build()
         dim, cpp = self.net.cfg.dim, image.latent_channels * image.patch_size**2
-        self.patch_in = nn.Linear(cpp, dim)
         self.register_buffer("pos_emb", sincos_2d(image.grid, dim), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.patch_out = nn.Linear(dim, cpp)
-        nn.init.zeros_(self.patch_out.weight)
-        nn.init.zeros_(self.patch_out.bias)
+        if image.patch_encoder not in ("linear", "unet"):
+            raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {image.patch_encoder!r}")
+        self.unet = UNetPatches(image, dim) if image.patch_encoder == "unet" else None
+        if self.unet is None:
+            self.patch_in, self.patch_out = nn.Linear(cpp, dim), nn.Linear(dim, cpp)
+            nn.init.zeros_(self.patch_out.weight)
+            nn.init.zeros_(self.patch_out.bias)
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
@@ -110,18 +163,23 @@ class Transfusion(nn.Module):
         return self.icfg.grid**2
 
     # ------------------------------------------------------------------ images in and out
-    def embed_image(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) noisy latents at times (N,) -> (N, patches, dim) input vectors."""
+    def embed_image(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """(N, C, H, W) noisy latents at times (N,) -> ((N, patches, dim) input vectors, what
+        :meth:`image_output` needs from the encoder: the U-Net's skips and time embedding)."""
         b, c, h, w = z.shape
-        p = self.icfg.patch_size
-        patches = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        p, dtype = self.icfg.patch_size, self.t_mlp[0].weight.dtype
         t = t * 1000.0 if isinstance(self.diffusion, FlowMatching) else t  # flow times in [0, 1]
-        temb = self.t_mlp(timestep_embedding(t.expand(b), 256).to(self.patch_in.weight.dtype))
-        x = self.patch_in(patches.to(self.patch_in.weight.dtype)) + self.pos_emb.to(self.patch_in.weight.dtype)
-        return x + temb[:, None]
+        temb = self.t_mlp(timestep_embedding(t.expand(b), 256).to(dtype))
+        if self.unet is not None:
+            x, skips = self.unet.encode(z.to(dtype), temb)
+            return x + self.pos_emb.to(dtype) + temb[:, None], (skips, temb)
+        patches = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return self.patch_in(patches.to(dtype)) + self.pos_emb.to(dtype) + temb[:, None], None
 
-    def image_output(self, h: torch.Tensor) -> torch.Tensor:
+    def image_output(self, h: torch.Tensor, ctx: tuple | None = None) -> torch.Tensor:
         """(N, patches, dim) hidden states -> (N, C, H, W) predictions, float32."""
+        if self.unet is not None:
+            return self.unet.decode(h, *ctx).float()
         n, g, p, c = h.shape[0], self.icfg.grid, self.icfg.patch_size, self.icfg.latent_channels
         x = self.patch_out(h).float()
         return x.reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, g * p, g * p)
@@ -142,11 +200,12 @@ class Transfusion(nn.Module):
         b, length = tokens.shape
         x = self.net.tok_emb(tokens)
         idx = self._image_index(batch["image_pos"], length).flatten()
+        ctx = None
         if idx.numel():
-            img = self.embed_image(z_t, t).to(x.dtype)
-            x = x.flatten(0, 1).index_copy(0, idx, img.flatten(0, 1)).view(b, length, -1)
+            img, ctx = self.embed_image(z_t, t)
+            x = x.flatten(0, 1).index_copy(0, idx, img.to(x.dtype).flatten(0, 1)).view(b, length, -1)
         h = self.net.forward_hidden(x, batch["position"], doc_id=batch["doc_id"], image_id=batch["image_id"])
-        out = self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1))
+        out = self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
         return self.net.lm_head(h), out
 
     def text_targets(self, batch: dict) -> torch.Tensor:
@@ -200,9 +259,10 @@ class Transfusion(nn.Module):
             r = x.shape[0]
             if r < rows:  # guidance switched off for this step: the unconditional rows ride along
                 x, t = torch.cat([x, x])[:rows], torch.cat([t, t])[:rows]
-            h = self.net.forward_hidden(self.embed_image(x, t), img_pos, doc_id=doc, image_id=image_id, cache=cache)
+            emb, ctx = self.embed_image(x, t)
+            h = self.net.forward_hidden(emb, img_pos, doc_id=doc, image_id=image_id, cache=cache)
             cache.truncate(cache.length - n)
-            return self.image_output(h)[:r]
+            return self.image_output(h, ctx)[:r]
 
         opts = {"eta": eta} if sampler == "ddim" else {}
         smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
@@ -215,7 +275,7 @@ class Transfusion(nn.Module):
         """The clean latent (t = 0) enters the cache."""
         t0 = torch.zeros(len(z), device=z.device)
         t0 = t0 if isinstance(self.diffusion, FlowMatching) else t0.long()
-        self.net.forward_hidden(self.embed_image(z, t0), img_pos, doc_id=torch.zeros_like(img_pos),
+        self.net.forward_hidden(self.embed_image(z, t0)[0], img_pos, doc_id=torch.zeros_like(img_pos),
                                 image_id=torch.full_like(img_pos, block), cache=cache)
 
     @torch.no_grad()
@@ -315,7 +375,7 @@ class Transfusion(nn.Module):
         cache = self.net.new_cache(b, k + max_new_tokens)
         x = self.net.tok_emb(prefix["tokens"])
         idx = self._image_index(prefix["image_pos"], k).flatten()
-        x = x.flatten(0, 1).index_copy(0, idx, self.embed_image(z, t0).to(x.dtype).flatten(0, 1)).view(b, k, -1)
+        x = x.flatten(0, 1).index_copy(0, idx, self.embed_image(z, t0)[0].to(x.dtype).flatten(0, 1)).view(b, k, -1)
         h = self.net.forward_hidden(x, prefix["position"], doc_id=prefix["doc_id"], image_id=prefix["image_id"],
                                     cache=cache)[:, -1]
         gens = row_generators(seed, b, dev)
