@@ -31,7 +31,7 @@ class LatentDiffusionModule(GeneratorModule):
                              "train it with model=kl_autoencoder (model.tokenizer_ckpt names it)")
         if tok.latent_channels != self.net.latent_shape()[0]:
             raise ValueError(f"model.tokenizer_ckpt={self.tokenizer_ckpt} has {tok.latent_channels} latent channels "
-                             f"but the net's latent_channels is {self.net.latent_shape()[0]}")
+                             f"but {self.net.config_key}.latent_channels is {self.net.latent_shape()[0]}")
 
     def latents(self, batch: dict) -> torch.Tensor:
         """Normalised latents of a batch: from latent shards (posterior mean and std, sampled here) or
@@ -43,8 +43,8 @@ class LatentDiffusionModule(GeneratorModule):
             c, want = stored.shape[1] // 2, self.net.latent_shape()
             if stored.shape[1] != 2 * want[0] or tuple(stored.shape[2:]) != want[1:]:
                 raise ValueError(f"latent shards hold {tuple(stored.shape[1:])} (mean and std stacked), but the "
-                                 f"denoiser takes {want}: re-encode them with model.tokenizer_ckpt, or set the "
-                                 "net's latent_channels / latent_size to match")
+                                 f"denoiser takes {want}: re-encode them with model.tokenizer_ckpt, or set "
+                                 f"{self.net.config_key}.latent_channels / latent_size to match")
             mean, std = stored[:, :c].float(), stored[:, c:].float()
             return self.tokenizer.normalise(mean + std * torch.randn_like(std))
         x = batch["image"]
@@ -53,7 +53,7 @@ class LatentDiffusionModule(GeneratorModule):
             z = self.tokenizer.normalise(self.tokenizer.posterior(x).sample())
         if tuple(z.shape[1:]) != self.net.latent_shape():
             raise ValueError(f"images of {tuple(x.shape[-2:])} give latents {tuple(z.shape[1:])}, but the denoiser "
-                             f"takes {self.net.latent_shape()}: set the net's latent_size to "
+                             f"takes {self.net.latent_shape()}: set {self.net.config_key}.latent_size to "
                              f"data.decode.image_size / {self.tokenizer.downsample_factor}")
         return z
 

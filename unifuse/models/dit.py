@@ -126,6 +126,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
+    config_key = "model.net.dit"  # where its latent_channels / latent_size are set (error messages)
+
     def __init__(self, dit: DiTConfig, text_tokenizer: TextTokenizer | None = None):
         super().__init__()
         cfg = dit
