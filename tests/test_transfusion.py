@@ -180,6 +180,7 @@ def test_model_transfusion_trains_from_hydra_samples_captions_and_evaluates(tiny
     for key in ("val/loss", "val/text_loss", "val/image_loss", "val/caption_bpb", "val/caption_top1"):
         assert key in metrics, key
     assert 0.0 <= metrics["val/caption_top1"] <= 1.0
+    assert any(k.startswith("eval/fid@domain") for k in metrics), metrics  # the summary prints it
     pipe, ck = load_pipeline(r["checkpoint"])
     assert ck.kind == "transfusion"
     x = pipe.generate(["twemoji dog face", "openmoji pizza"], steps=3)

@@ -135,6 +135,9 @@ def _report(result: dict) -> None:
         lines.append(f"W&B run       : {Path(result['wandb_dir']).parent}  (upload: wandb sync <dir>)")
     shown = {k: round(v, 4) for k, v in sorted(result["metrics"].items()) if k.startswith(("val/", "train/"))}
     lines.append(f"metrics       : {shown}")
+    evals = {k: round(v, 3) for k, v in sorted(result["metrics"].items()) if k.startswith("eval/") and "std" not in k}
+    if evals:  # the last online evaluation (FID/KID, rFID, PSNR, SSIM)
+        lines.append(f"evaluation    : {evals}")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
 
