@@ -265,11 +265,17 @@ class Transfusion(nn.Module):
             cache.truncate(cache.length - n)
             return self.image_output(h, ctx)[:r]
 
+        return self._sample(net, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens, img_pos.device)
+
+    def _sample(self, net, b: int, sampler: str, steps: int, cfg_scale: float | None, cfg_schedule: str,
+                eta: float, gens, device) -> torch.Tensor:
+        """Noise -> latents (b, C, H, W) with a sampler of the diffusion module driving ``net(x, t, cond)``
+        under classifier-free guidance."""
         opts = {"eta": eta} if sampler == "ddim" else {}
         smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
         calls = int(steps) * (2 if sampler == "heun" else 1)
         model = Guidance(cfg_scale, cfg_schedule).wrap(net, {}, {}, calls)
-        x = randn_like(torch.empty(b, *self.latent_shape(), device=img_pos.device), gens)
+        x = randn_like(torch.empty(b, *self.latent_shape(), device=device), gens)
         return smp.run(model, x, generator=gens)
 
     def _commit_image(self, cache: KVCache, z: torch.Tensor, img_pos: torch.Tensor, block: int) -> None:
@@ -308,11 +314,7 @@ class Transfusion(nn.Module):
             x, t = torch.cat([x, x])[:len(rows)], torch.cat([t, t])[:len(rows)]
             return self(batch, x, t)[1][:r]
 
-        opts = {"eta": eta} if sampler == "ddim" else {}
-        smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
-        model = Guidance(cfg_scale, cfg_schedule).wrap(net, {}, {}, int(steps) * (2 if sampler == "heun" else 1))
-        x = randn_like(torch.empty(b, *self.latent_shape(), device=dev), gens)
-        return smp.run(model, x, generator=gens)
+        return self._sample(net, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens, dev)
 
     def _image_prefix(self, z: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """``[BOS] [BOI] image [EOI]`` rows for clean latents z: (batch for :meth:`forward`, t = 0)."""
