@@ -98,28 +98,24 @@ class LatentDiffusionPipeline(Pipeline):
     def latents(self, prompts: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
                 cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
                 progress: bool = False) -> torch.Tensor:
-        from unifuse.diffusion import Guidance, make_sampler
-        from unifuse.diffusion.samplers import randn_like
+        from unifuse.diffusion.samplers import guided_sample
         from unifuse.models.sampling import row_generators
 
         net = self.net
         dev = next(net.parameters()).device
         conds = self.conditions(prompts)
         b = len(conds)
-        opts = {"eta": eta} if sampler == "ddim" else {}
-        smp = make_sampler(sampler, net.diffusion, int(steps), **opts)
         gens = row_generators(seed, b, dev)
-        x = randn_like(torch.empty(b, *net.latent_shape(), device=dev), gens)
         # cond and uncond rows encoded together (one width), the caption encoder run once for all steps
         both = net.text_states(net.encode_conditions(conds + ([None] * b if cfg_scale is not None else []), dev))
         cond = {k: v[:b] for k, v in both.items()}
         uncond = {k: v[b:] for k, v in both.items()} if cfg_scale is not None else None
-        calls = int(steps) * (2 if sampler == "heun" else 1)
-        model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
         # a step bar on a terminal only: logs and CI output get no carriage-return spam
         with tqdm(total=int(steps), desc=f"{sampler} {steps} steps", unit="step",
                   disable=not (progress and interactive())) as bar:
-            return smp.run(model, x, generator=gens, callback=lambda i, _: bar.update(1))
+            return guided_sample(net.diffusion, net, (b, *net.latent_shape()), sampler, steps, cfg_scale,
+                                 cfg_schedule, eta, gens, dev, cond=cond, uncond=uncond,
+                                 callback=lambda i, _: bar.update(1))
 
     @torch.no_grad()
     def generate(self, prompts: list, **overrides) -> torch.Tensor:

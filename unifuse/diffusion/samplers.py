@@ -236,3 +236,17 @@ def make_sampler(name: str, transport, steps: int, **options) -> Sampler:
         ok = sorted(n for n, (k, _) in SAMPLERS.items() if isinstance(transport, k))
         raise ValueError(f"sampler {name!r} needs a {kind.__name__} transport; for {type(transport).__name__}: {ok}")
     return cls(transport, steps=steps, **options)
+
+
+def guided_sample(transport, net, shape: tuple[int, ...], sampler: str, steps: int, cfg_scale: float | None = None,
+                  cfg_schedule: str = "constant", eta: float = 0.0, generator=None, device=None, cond=None,
+                  uncond=None, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Noise of ``shape`` -> a sample: a sampler by name for ``transport`` driving
+    ``net(x, t, cond)`` under classifier-free guidance (cond and uncond rows batched)."""
+    from unifuse.diffusion.guidance import Guidance
+
+    smp = make_sampler(sampler, transport, int(steps), **({"eta": eta} if sampler == "ddim" else {}))
+    calls = int(steps) * (2 if sampler == "heun" else 1)
+    model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
+    x = randn_like(torch.empty(shape, device=device), generator)
+    return smp.run(model, x, generator=generator, callback=callback)

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unifuse.diffusion import DiffusionConfig, FlowMatching, Guidance, make_sampler
-from unifuse.diffusion.samplers import randn_like
+from unifuse.diffusion import DiffusionConfig, FlowMatching
+from unifuse.diffusion.samplers import guided_sample
 from unifuse.models.autoencoder import Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
 from unifuse.models.sampling import left_padded, row_generators, sample_logits
@@ -269,14 +269,9 @@ class Transfusion(nn.Module):
 
     def _sample(self, net, b: int, sampler: str, steps: int, cfg_scale: float | None, cfg_schedule: str,
                 eta: float, gens, device) -> torch.Tensor:
-        """Noise -> latents (b, C, H, W) with a sampler of the diffusion module driving ``net(x, t, cond)``
-        under classifier-free guidance."""
-        opts = {"eta": eta} if sampler == "ddim" else {}
-        smp = make_sampler(sampler, self.diffusion, int(steps), **opts)
-        calls = int(steps) * (2 if sampler == "heun" else 1)
-        model = Guidance(cfg_scale, cfg_schedule).wrap(net, {}, {}, calls)
-        x = randn_like(torch.empty(b, *self.latent_shape(), device=device), gens)
-        return smp.run(model, x, generator=gens)
+        """Noise -> latents (b, C, H, W); ``net(x, t, cond)`` runs the image block (guided rows batched)."""
+        return guided_sample(self.diffusion, net, (b, *self.latent_shape()), sampler, steps, cfg_scale,
+                             cfg_schedule, eta, gens, device, cond={}, uncond={})
 
     def _commit_image(self, cache: KVCache, z: torch.Tensor, img_pos: torch.Tensor, block: int) -> None:
         """The clean latent (t = 0) enters the cache."""
