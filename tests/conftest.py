@@ -153,3 +153,15 @@ def domain_weights(tiny_emoji) -> Path:
         info = train_domain_extractor(str(tiny_emoji / "train"), out, epochs=6)
         assert info["classes"] >= 2 and info["train_accuracy"] > 0.3
     return out
+
+
+def packed(m, codes, conds: list, seq_len: int, rows: int | None = None, **kw) -> dict:
+    """The collator's batch for these (codes, caption) documents, packed in order."""
+    from unifuse.data.collate import PackingCollator
+    from unifuse.data.samples import Sample
+
+    col = PackingCollator(rows or len(conds), seq_len, vocab=m.vocab, tokenizer=m.text_tokenizer,
+                          max_text_len=m.max_text_len, **kw)
+    for i, (c, cap) in enumerate(zip(codes, conds)):
+        assert col.add(Sample(str(i), "", text=cap, codes=c.numpy() if hasattr(c, "numpy") else c)) is None
+    return col.pop()

@@ -1,13 +1,17 @@
-"""AR image GPT training (models/image_gpt.py): next-token prediction over
-``[BOS] caption [BOI] codes [EOI]`` with a causal mask. The loss at every target is checked against
-a reference that cannot leak: the backbone run on the prefix before that target alone."""
+"""AR image GPT training (models/image_gpt.py): next-token prediction over the packed rows of
+``PackingCollator`` (documents ``[BOS] caption [BOI] codes [EOI] [EOS]``, several per row) with a
+causal, document-masked attention. The loss at every target is checked against a reference that
+cannot leak: the backbone run on that document's prefix before the target, alone."""
 
 from __future__ import annotations
 
-import pytest
+import numpy as np
 import torch
 from torch.nn import functional as F
 
+from tests.conftest import packed
+from unifuse.data.collate import PackingCollator
+from unifuse.data.samples import Sample
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.transformer import TransformerConfig
 from unifuse.text.vocab import VocabLayout
@@ -28,11 +32,11 @@ def sharp_gpt() -> ImageGPT:
 
 def row_tokens(m: ImageGPT, caption: str, codes: torch.Tensor) -> list[int]:
     v = m.vocab
-    return [v.bos, *m.text_tokenizer.encode(caption), v.boi, *v.code_to_id(codes).tolist(), v.eoi]
+    return [v.bos, *m.text_tokenizer.encode(caption), v.boi, *v.code_to_id(codes).tolist(), v.eoi, v.eos]
 
 
 def reference_losses(m: ImageGPT, caption: str, codes: torch.Tensor) -> dict[int, float]:
-    """target index t (in the unpadded row) -> CE of token t given tokens [0, t) and nothing else."""
+    """target index t (in the document) -> CE of token t given tokens [0, t) and nothing else."""
     toks = torch.tensor(row_tokens(m, caption, codes))
     out = {}
     with torch.no_grad():
@@ -42,7 +46,7 @@ def reference_losses(m: ImageGPT, caption: str, codes: torch.Tensor) -> dict[int
     return out
 
 
-def captured_losses(m: ImageGPT, codes: torch.Tensor, conds: list, monkeypatch) -> tuple[dict, torch.Tensor]:
+def captured_losses(m: ImageGPT, batch: dict, monkeypatch) -> tuple[dict, torch.Tensor]:
     """The loss dict and the per-position cross entropies (B, L-1) that ``loss`` averages."""
     seen = []
     real = F.cross_entropy
@@ -54,74 +58,63 @@ def captured_losses(m: ImageGPT, codes: torch.Tensor, conds: list, monkeypatch) 
 
     monkeypatch.setattr(F, "cross_entropy", spy)
     with torch.no_grad():
-        out = m.loss(codes, conds)
+        out = m.loss(batch)
     monkeypatch.setattr(F, "cross_entropy", real)
     (ce,) = seen
-    return out, ce.view(len(conds), -1)
+    return out, ce.view(batch["tokens"].shape[0], -1)
 
 
-def test_every_target_loss_sees_only_its_prefix(monkeypatch):
-    """Catches a mask that leaks the future and targets shifted by one: each per-position loss must
-    equal the loss of the model run on the prefix before that target."""
+def test_every_target_loss_sees_only_its_documents_prefix(monkeypatch):
+    """Catches a mask that leaks the future or across packed documents, positions that do not
+    restart per document, targets shifted by one and targets scored across a document boundary:
+    each per-position loss equals the loss of the model run on that document's prefix alone, and
+    the three averages are the means of exactly the right reference losses."""
     m = sharp_gpt()
     codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0], [9, 9, 9, 9]])
-    conds = ["ab", "a longer caption", ""]  # different lengths: left padding
-    out, ce = captured_losses(m, codes, conds, monkeypatch)
-    width = ce.shape[1] + 1
-    img_ref, all_ref = [], []
-    for r, c in enumerate(conds):
-        ref = reference_losses(m, c, codes[r])
-        pad = width - (len(ref) + 1)
+    conds = ["ab", "a longer caption", ""]
+    batch = packed(m, codes, conds, seq_len=36, rows=2)  # row 0: documents 0 and 1; row 1: document 2
+    assert batch["doc_id"][0].max() == 1 and (batch["doc_id"][1] == 0).sum() == 8
+    out, ce = captured_losses(m, batch, monkeypatch)
+    every, text, image = [], [], []
+    for r, d, c in ((0, 0, 0), (0, 1, 1), (1, 0, 2)):
+        start = int((batch["doc_id"][r] == d).nonzero()[0])
+        ref = reference_losses(m, conds[c], codes[c])
+        n_caption = len(m.text_tokenizer.encode(conds[c]))
         for t, value in ref.items():
-            assert abs(ce[r, pad + t - 1].item() - value) < 1e-4, f"row {r} target {t}"
-            all_ref.append(value)
-            n_caption = len(m.text_tokenizer.encode(c))
-            if t >= n_caption + 2:
-                img_ref.append(value)  # the codes and EOI
-    assert abs(out["image_loss"].item() - sum(img_ref) / len(img_ref)) < 1e-4
-    # (text_loss of padded rows: see test_padding_adds_no_target)
-    # spread of the per-target losses: a leak or a shift would move them by far more than 1e-4
-    assert max(all_ref) - min(all_ref) > 0.5
-
-
-def test_loss_of_an_unpadded_batch_is_the_mean_over_every_target(monkeypatch):
-    m = sharp_gpt()
-    codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
-    conds = ["cd", "ab"]  # same length: no padding
-    out, _ = captured_losses(m, codes, conds, monkeypatch)
-    refs = [reference_losses(m, c, codes[r]) for r, c in enumerate(conds)]
-    every = [v for ref in refs for v in ref.values()]
-    assert abs(out["loss"].item() - sum(every) / len(every)) < 1e-4
-    text = [v for ref in refs for t, v in ref.items() if t <= 2]  # the two caption tokens, not BOI
+            assert abs(ce[r, start + t - 1].item() - value) < 1e-4, f"document {c} target {t}"
+            every.append(value)
+            if 1 <= t <= n_caption:
+                text.append(value)
+            elif n_caption + 2 <= t <= n_caption + 6:  # the four codes and EOI
+                image.append(value)
+    assert abs(out["loss"].item() - sum(every) / len(every)) < 1e-4  # no boundary or padding target
     assert abs(out["text_loss"].item() - sum(text) / len(text)) < 1e-4
-    image = [v for ref in refs for t, v in ref.items() if t >= 4]  # four codes and EOI
-    assert len(image) == 10 and abs(out["image_loss"].item() - sum(image) / len(image)) < 1e-4
+    assert len(image) == 15 and abs(out["image_loss"].item() - sum(image) / len(image)) < 1e-4
+    # spread of the per-target losses: a leak or a shift would move them by far more than 1e-4
+    assert max(every) - min(every) > 0.5
 
 
 def test_changing_later_tokens_leaves_earlier_losses_alone(monkeypatch):
     """The same property, seen from the inputs: changing code j changes the losses of targets >= j
     only (its own target and what comes after it), and does change those."""
     m = sharp_gpt()
-    conds = ["dog"]
     a = torch.tensor([[1, 2, 3, 4]])
     b = torch.tensor([[1, 2, 11, 4]])  # the third code differs
-    _, ca = captured_losses(m, a, conds, monkeypatch)
-    _, cb = captured_losses(m, b, conds, monkeypatch)
+    _, ca = captured_losses(m, packed(m, a, ["dog"], seq_len=11), monkeypatch)
+    _, cb = captured_losses(m, packed(m, b, ["dog"], seq_len=11), monkeypatch)
     first = 1 + 3 + 1 + 2  # target index of the third code: BOS "dog" BOI c0 c1 [c2]
     torch.testing.assert_close(ca[0, :first - 1], cb[0, :first - 1])
     assert (ca[0, first - 1:] != cb[0, first - 1:]).all()
 
 
-def test_padding_adds_no_target(monkeypatch):
-    """A left-padded row scores no target predicted from padding (BOS included): its losses do not
-    depend on the other captions of the batch."""
-    m = sharp_gpt()
-    codes = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
-    alone, _ = captured_losses(m, codes[:1], ["ab"], monkeypatch)
-    both, _ = captured_losses(m, codes, ["ab", "a longer one"], monkeypatch)
-    ref = reference_losses(m, "a longer one", codes[1])
-    text_long = [v for t, v in ref.items() if t <= len("a longer one")]
-    text_short = [v for t, v in reference_losses(m, "ab", codes[0]).items() if t <= 2]
-    expected = (sum(text_short) + sum(text_long)) / (len(text_short) + len(text_long))
-    assert abs(both["text_loss"].item() - expected) < 1e-4
-    assert alone["text_loss"].item() == pytest.approx(sum(text_short) / len(text_short), abs=1e-4)
+def test_class_conditioned_documents_put_the_class_token_after_bos():
+    m = ImageGPT(TransformerConfig(dim=32, n_layers=1, n_heads=2), VocabLayout(image_codes=16, num_classes=4),
+                 grid=2, max_text_len=8)
+    col = PackingCollator(2, 10, vocab=m.vocab, cond="class")
+    assert col.add(Sample("a", "", text="ignored", cls=3, codes=np.arange(4))) is None
+    assert col.add(Sample("b", "", text="no class", codes=np.arange(4))) == "no_class"
+    assert col.add(Sample("c", "", cls=7, codes=np.arange(4))) == "no_class"  # outside the vocabulary
+    row = col.pop()["tokens"][0, :9].tolist()
+    v = m.vocab
+    assert row == [v.bos, v.class_token(3), v.boi, *v.code_to_id(np.arange(4)).tolist(), v.eoi, v.eos]
+    assert row[:3] == m.prompts([3], "cpu").tokens[0].tolist()  # the sampling prompt is the document's start

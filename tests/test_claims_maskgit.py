@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from tests.conftest import packed
 from unifuse.models.maskgit import MaskGIT, cosine_schedule
 from unifuse.models.transformer import TransformerConfig
 from unifuse.text.vocab import VocabLayout
@@ -95,7 +96,10 @@ def test_maskgit_same_image_alone_or_in_a_batch(use_cache):
     assert torch.equal(again, batch)
 
 
-def test_training_masks_a_cosine_fraction_and_scores_only_masked_codes():
+def test_training_masks_a_cosine_fraction_per_image_and_scores_only_masked_codes():
+    """Packed rows (several documents each): every image block gets its own masking ratio, the
+    rest of the row is fed as it is, and the loss is the cross entropy of the masked codes given
+    their own document only (the reference runs each document alone)."""
     m = maskgit(grid=4, codes=16)
     with torch.no_grad():  # sharper logits than the tiny init, so the loss depends on what is masked
         for p in m.parameters():
@@ -104,29 +108,41 @@ def test_training_masks_a_cosine_fraction_and_scores_only_masked_codes():
     m.net.tok_emb.register_forward_hook(lambda mod, inp, out: fed.append(inp[0].clone()))
     codes = torch.randint(0, 16, (64, 16), generator=torch.Generator().manual_seed(0))
     conds = ["dog"] * 32 + ["a cat with a hat"] * 32
+    batch = packed(m, codes, conds, seq_len=80, rows=32)  # 2-3 documents per row
+    assert int(batch["image_id"].max()) >= 2
     torch.manual_seed(5)
-    out = m.loss(codes.view(64, 4, 4), conds)
+    out = m.loss(batch)
     (inp,) = fed
-    img = inp[:, -16:]
-    masked = img == m.vocab.mask
-    # every row has at least one masked code; the others are fed as they are
-    assert masked.any(1).all()
-    assert torch.equal(img[~masked], m.vocab.code_to_id(codes)[~masked])
-    assert abs(float(out["masked_fraction"]) - masked.float().mean().item()) < 1e-6
-    # the loss is the cross entropy of the masked codes only
-    with torch.no_grad():
-        logits = m.image_forward(img, conds)
-    ref = F.cross_entropy(logits[masked].float(), codes[masked])
-    torch.testing.assert_close(out["loss"].detach(), ref, atol=1e-5, rtol=1e-5)
-    scored_unmasked = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
-    assert abs(scored_unmasked.item() - ref.item()) > 1e-3  # scoring every code would differ
-    # masked fraction ~ cos(pi/2 u), u ~ U(0, 1): mean 2/pi, and rows spread over the whole range
+    img = batch["image_id"] >= 0
+    masked = inp == m.vocab.mask
+    assert not (masked & ~img).any() and torch.equal(inp[~masked], batch["tokens"][~masked])
+    assert abs(float(out["masked_fraction"]) - masked[img].float().mean().item()) < 1e-6
+    ref, masked_per_doc, rows_differ = [], [], []
+    for r in range(batch["tokens"].shape[0]):
+        row_counts = []
+        for d in batch["doc_id"][r].unique().tolist():
+            if d < 0:
+                continue
+            block = (batch["doc_id"][r] == d) & img[r]
+            k = int(batch["position"][r][block][0]) - 2  # caption length: the block starts after BOS caption BOI
+            doc_codes = m.vocab.id_to_code(batch["tokens"][r][block])
+            cap = next(c for c in ("dog", "a cat with a hat") if len(m.text_tokenizer.encode(c)) == k)
+            with torch.no_grad():
+                logits = m.image_forward(inp[r][block][None], [cap])[0]
+            mk = masked[r][block]
+            masked_per_doc.append(int(mk.sum()))
+            row_counts.append(int(mk.sum()))
+            ref.append(F.cross_entropy(logits[mk].float(), doc_codes[mk], reduction="none"))
+        rows_differ.append(len(set(row_counts)) > 1)
+    assert len(masked_per_doc) == 64 and min(masked_per_doc) >= 1  # every image has a masked code
+    torch.testing.assert_close(out["loss"].detach(), torch.cat(ref).mean(), atol=1e-4, rtol=1e-4)
+    # the images of one row draw their own ratios
+    assert sum(rows_differ) > 0.6 * len(rows_differ)
+    # masked fraction ~ cos(pi/2 u), u ~ U(0, 1): mean 2/pi, and images spread over the whole range
     fracs = []
     for s in range(20):
         fed.clear()
         torch.manual_seed(100 + s)
-        fracs.append(m.loss(codes.view(64, 4, 4), conds)["masked_fraction"].item())
-        per_row = (fed[0][:, -16:] == m.vocab.mask).float().mean(1)
-        assert per_row.min() >= 1 / 16 and per_row.max() <= 1.0
+        fracs.append(m.loss(batch)["masked_fraction"].item())
     mean = sum(fracs) / len(fracs)
     assert abs(mean - (2 / math.pi + 0.5 / 16)) < 0.03  # ceil adds half a position on average

@@ -48,12 +48,26 @@ def test_code_shards_of_another_tokenizer_are_refused(tiny_codes, tiny_tokenizer
             assert str(other) in str(e.value) and str(tiny_tokenizer.resolve()) in str(e.value)
 
 
-def test_fast_dev_run_ar_gpt_and_maskgit(tiny_codes, tiny_tokenizer, tmp_path):
+def test_fast_dev_run_ar_gpt_and_maskgit(tiny_codes, tiny_tokenizer, tmp_path, monkeypatch):
+    """Both train on PackingCollator rows holding several documents (each <= 92 positions here)."""
+    from unifuse.data.collate import PackingCollator
+
+    docs_per_row = []
+    real_pop = PackingCollator.pop
+
+    def pop(self):
+        batch = real_pop(self)
+        docs_per_row.append(int(batch["doc_id"].max()) + 1)
+        return batch
+
+    monkeypatch.setattr(PackingCollator, "pop", pop)
     for model in ("ar_gpt", "maskgit"):
-        cfg = compose_cfg(generator_overrides(model, tiny_codes, tiny_tokenizer) + ["trainer=debug", "logger=none"],
-                          tmp_path / model)
+        docs_per_row.clear()
+        cfg = compose_cfg(generator_overrides(model, tiny_codes, tiny_tokenizer)
+                          + ["trainer=debug", "logger=none", "data.collator.seq_len=200"], tmp_path / model)
         result = train(cfg)
         assert result["metrics"]["train/loss"] > 0
+        assert docs_per_row and max(docs_per_row) >= 2, model
         grids = [p for p in result["images"] if "samples" in p]
         assert grids, f"{model}: no sample grid written"
         im = np.asarray(Image.open(grids[0]))

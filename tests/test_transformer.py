@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import packed
 from unifuse.models.attention import MaskSpec, attend, dense_mask
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
@@ -269,10 +270,16 @@ def test_maskgit_cached_caption_matches_full_recomputation():
     b, tb = m.generate(conds, steps=6, cfg_scale=3.0, seed=3, top_p=0.9, return_trace=True, use_cache=False)
     assert torch.equal(a, b) and torch.equal(ta, tb)
     # the caption is causal and never sees the image: its hidden states do not depend on the codes
-    rows, p = conds, m.prompts(conds, "cpu").tokens.shape[1]
     x1, x2 = torch.randint(0, 32, (2, 3, 16))
-    h = [m.net.forward_hidden(m.net.tok_emb(t), pos, doc_id=d, image_id=i)[:, :p]
-         for t, pos, d, i, _ in (m._rows(m.vocab.code_to_id(x), rows) for x in (x1, x2))]
+    h = []
+    for x in (x1, x2):
+        batch = packed(m, x, conds, seq_len=80, rows=1)  # all three documents in one row
+        hidden = m.net.forward_hidden(m.net.tok_emb(batch["tokens"]), batch["position"], doc_id=batch["doc_id"],
+                                      image_id=batch["image_id"])
+        tok = batch["tokens"][0]
+        before_image = (batch["image_id"][0] < 0) & (batch["doc_id"][0] >= 0)
+        before_image &= (tok != m.vocab.eoi) & (tok != m.vocab.eos)
+        h.append(hidden[0][before_image])  # BOS, caption, BOI of each document
     torch.testing.assert_close(h[0], h[1])
 
 
@@ -280,11 +287,10 @@ def test_losses_train_the_models():
     for cls in (ImageGPT, MaskGIT):
         m = gpt(cls, grid=2, codes=8).train()
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-        codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
-        conds = ["ab", "cd"]
-        first = m.loss(codes, conds)["loss"].item()
+        batch = packed(m, torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]), ["ab", "cd"], seq_len=24, rows=1)
+        first = m.loss(batch)["loss"].item()
         for _ in range(60):
-            loss = m.loss(codes, conds)["loss"]
+            loss = m.loss(batch)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()

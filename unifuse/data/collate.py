@@ -6,7 +6,7 @@ A collator has ``batch_size``, ``add(sample) -> skip reason | None``, ``ready()`
 * :class:`ImageCollator` - image batches for tokenizers/autoencoders: ``image`` (uint8, B x 3 x H x W;
   the DataModule turns it into floats in [-1, 1] on the device), ``caption``, ``cls``, ``key``,
   and ``codes`` when the shards are pre-encoded.
-* :class:`PackingCollator` - token/image sequences for the AR GPT and Transfusion: documents are
+* :class:`PackingCollator` - token/image sequences for the AR GPT, MaskGIT and Transfusion: documents are
   packed whole into ``rows`` fixed-length rows (no per-example padding to full length), with
   per-position ``modality`` (0 text/special, 1 image), ``doc_id`` (-1 on padding), ``image_id``
   (block id of the image a position belongs to, -1 elsewhere) and ``position`` (restarting at 0
@@ -83,16 +83,22 @@ class PackingCollator:
 
     Image-caption pairs put the caption first with probability ``caption_first`` (else the image
     first, i.e. captioning); a caption-first pair loses its caption with probability ``p_uncond``
-    (the unconditional branch of classifier-free guidance). Documents longer than a row are cut at
+    (the unconditional branch of classifier-free guidance). The caption of a pair is cut to
+    ``max_text_len`` tokens (as the models cut prompts at sampling time); ``cond="class"`` puts the
+    sample's class token in its place (samples without a class are skipped, ``no_class``).
+    Documents longer than a row are cut at
     ``seq_len`` if the cut falls in text; a document whose image would be cut is skipped
     (``doc_too_long``).
     """
 
     def __init__(self, batch_size: int, seq_len: int, vocab: VocabLayout | None = None,
                  tokenizer: TextTokenizer | None = None, image_tokens: int = 0,
-                 caption_first: float = 1.0, p_uncond: float = 0.0, seed: int = 0):
+                 caption_first: float = 1.0, p_uncond: float = 0.0, max_text_len: int | None = None,
+                 cond: str = "text", seed: int = 0):
         """``vocab`` defaults to the text tokenizer's ids plus the special tokens (no image codes)."""
-        self.batch_size, self.seq_len = batch_size, seq_len
+        if cond not in ("text", "class"):
+            raise ValueError(f"cond must be 'text' or 'class', not {cond!r}")
+        self.batch_size, self.seq_len, self.max_text_len, self.cond = batch_size, seq_len, max_text_len, cond
         self.tokenizer = tokenizer or ByteTokenizer()
         self.vocab = vocab or VocabLayout(text_size=self.tokenizer.vocab_size)
         self.image_tokens, self.caption_first, self.p_uncond = image_tokens, caption_first, p_uncond
@@ -114,9 +120,9 @@ class PackingCollator:
         toks, mods, images = [v.bos], [TEXT], []
         seen_text = False
 
-        def text(t: str) -> None:
+        def text(t: str, limit: int | None = None, ids: list[int] | None = None) -> None:
             nonlocal seen_text
-            ids = self.tokenizer.encode(t)
+            ids = self.tokenizer.encode(t)[:limit] if ids is None else ids
             toks.extend(ids)
             mods.extend([TEXT] * len(ids))
             seen_text = seen_text or bool(ids)
@@ -146,12 +152,14 @@ class PackingCollator:
                     n_img += 1
         elif s.images or s.codes is not None:
             cap = s.text or ""
+            cond = [v.class_token(s.cls)] if self.cond == "class" else None
             if self.rng.random() < self.caption_first:
-                text("" if self.p_uncond > 0 and self.rng.random() < self.p_uncond else cap)
+                drop = self.p_uncond > 0 and self.rng.random() < self.p_uncond
+                text("" if drop else cap, self.max_text_len, [] if drop and cond else cond)
                 image(0, False)
             else:
                 image(0, True)
-                text(cap)
+                text(cap, self.max_text_len, cond)
         else:
             text(s.text or "")
         toks.append(v.eos)
@@ -160,6 +168,9 @@ class PackingCollator:
 
     # ------------------------------------------------------------------ packing
     def add(self, s: Sample) -> str | None:
+        cls = -1 if s.cls is None else s.cls
+        if self.cond == "class" and s.segments is None and not 0 <= cls < self.vocab.num_classes:
+            return "no_class"  # no class, or one outside the vocabulary's class tokens
         try:
             doc = self.document(s)
         except ValueError:

@@ -1,6 +1,7 @@
 """LightningModule for the discrete-token generators (AR image GPT and MaskGIT): thin wrapper
-around ``ImageGPT`` / ``MaskGIT`` (steps, logging, sample grids). Codes come pre-encoded from the
-shards (``batch["codes"]``) or are encoded on the fly by the frozen VQ-VAE tokenizer.
+around ``ImageGPT`` / ``MaskGIT`` (steps, logging, sample grids). Batches are the packed rows of
+``PackingCollator``: codes pre-encoded in the shards, or placeholder positions filled on the fly
+with the codes of the frozen VQ-VAE tokenizer.
 
 Checkpoints carry the tokenizer (its config, weights and content hash; ``embed_tokenizer=false``
 stores only the config, hash and path) and the text tokenizer's vocabulary, so they sample and
@@ -24,7 +25,8 @@ from unifuse.text.tokenizer import ByteTokenizer
 
 class GeneratorModule(UnifuseModule):
     """What every text-to-image generator module shares: a frozen image tokenizer / autoencoder
-    (loaded from ``tokenizer_ckpt`` and carried in the checkpoint), caption dropout for guidance,
+    (loaded from ``tokenizer_ckpt`` and carried in the checkpoint), caption dropout for guidance
+    (``p_uncond``; models over packed sequences have the data collator drop captions instead),
     stored sampling settings, the pipeline and the sample grid. Subclasses set ``tokenizer_kind``
     and ``pipeline_class`` and check the tokenizer against their net."""
 
@@ -53,6 +55,13 @@ class GeneratorModule(UnifuseModule):
         """Raise if the frozen tokenizer does not fit the net (e.g. codebook size, latent channels)."""
 
     def setup(self, stage: str) -> None:
+        vocab = getattr(self.net, "vocab", None)  # models over token sequences built by the data collator
+        dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        for name in ("collator", "val_collator"):
+            theirs = getattr(getattr(dm, name, None), "vocab", None)
+            if vocab is not None and theirs is not None and theirs != vocab:
+                raise ValueError(f"data.{name} builds sequences with the vocabulary {theirs}, but the model's is "
+                                 f"{vocab}: give data.{name} the model's vocab and text tokenizer")
         if self.tokenizer_ckpt and self.tokenizer is None:
             tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
             tok.requires_grad_(False)
@@ -111,30 +120,40 @@ class TokenGeneratorModule(GeneratorModule):
             self.net.vocab.check_compatible(stored, "checkpoint being resumed")
 
     # ------------------------------------------------------------------ batches
-    def _codes(self, batch: dict) -> torch.Tensor:
-        if "codes" in batch:
-            return batch["codes"].flatten(1)
+    def _rows(self, batch: dict) -> dict:
+        """The collator's packed rows with VQ code ids in every image block. Pre-encoded shards
+        carry the codes in ``tokens`` already; pixel shards leave placeholder positions (listed in
+        ``image_pos``) that the frozen tokenizer's codes fill here."""
+        if "image" not in batch:
+            return batch
         if self.tokenizer is None:
             raise ValueError("batch has no pre-encoded codes and no tokenizer_ckpt is set to encode images")
         self.tokenizer.to(self.device)
-        return self.tokenizer.encode(batch["image"]).flatten(1)
+        with torch.no_grad():
+            codes = self.tokenizer.encode(batch["image"]).flatten(1)
+        tokens = batch["tokens"].clone()
+        for (r, start, n), c in zip(batch["image_pos"].tolist(), codes):
+            if n != len(c):
+                raise ValueError(f"the tokenizer makes {len(c)} codes per image but the collator left {n} "
+                                 f"positions: set data.collator.image_tokens to {len(c)}")
+            tokens[r, start:start + n] = self.net.vocab.code_to_id(c)
+        return {**batch, "tokens": tokens}
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Transformer training FLOPs (6N + attention) for the rows this batch makes."""
-        n = len(batch["caption"])
-        seq = self.net.max_text_len // 2 + 3 + self.net.n_image_tokens  # typical caption length
-        return self.net.net.flops_per_token(seq) * seq * n
+        """Transformer training FLOPs (6N + attention) for the batch's packed rows."""
+        b, seq = batch["tokens"].shape
+        return self.net.net.flops_per_token(seq) * seq * b
 
     def training_step(self, batch: dict, batch_idx: int):
-        out = self.net.loss(self._codes(batch), self._conds(batch, self.p_uncond))
+        out = self.net.loss(self._rows(batch))
         self.last_batch_tokens = int(out.pop("tokens"))
         check_finite(out, self.global_step, batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["caption"]))
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["tokens"]))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int):
-        out = self.net.loss(self._codes(batch), self._conds(batch, 0.0))
+        out = self.net.loss(self._rows(batch))
         out.pop("tokens")
         if "text_loss" in out and isinstance(self.net.text_tokenizer, ByteTokenizer):
             out["caption_bpb"] = out["text_loss"] / math.log(2)  # bits per byte of held-out captions
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=len(batch["caption"]))
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=len(batch["tokens"]))

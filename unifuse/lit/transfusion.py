@@ -34,14 +34,6 @@ class TransfusionModule(LatentDiffusionModule):
         self._pool: list[tuple[torch.Tensor, str]] = []
         self._byte_len: torch.Tensor | None = None
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        vocab = getattr(getattr(dm, "collator", None), "vocab", None)
-        if vocab is not None and vocab != self.net.vocab:
-            raise ValueError(f"the data collator's vocabulary {vocab} differs from the model's {self.net.vocab}: give "
-                             "data.collator the model's text tokenizer (data.collator.tokenizer)")
-
     def _batch_size(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0])
 

@@ -8,8 +8,10 @@ Sequence (one row)::
 ``condition`` is the caption's text tokens (text-conditional) or one class token; an empty
 condition is the unconditional branch used for classifier-free guidance. Prompts are left-padded
 to a common length; padding has ``doc_id = -1`` (never attended) and rotary positions start at 0
-on BOS, so a row means the same whatever the padding. Training rows and sampling prompts are
-built by the same function.
+on BOS, so a row means the same whatever the padding. Training rows come from
+:class:`unifuse.data.collate.PackingCollator` (documents ``[BOS] condition [BOI] codes [EOI] [EOS]``
+packed whole into rows, positions restarting at 0 on each BOS), so a sampling prompt is exactly
+the start of a training document.
 """
 
 from __future__ import annotations
@@ -94,32 +96,22 @@ class ImageGPT(TokenImageModel):
 
     kind = "ar_gpt"
 
-    def training_rows(self, codes: torch.Tensor, conds: list) -> tuple[Prompts, torch.Tensor]:
-        """Full rows (prompt + codes + EOI) for teacher forcing. codes: (B, h*w) code indices."""
-        v = self.vocab
-        pr = self.prompts(conds, codes.device, pad_to=None)  # left-pad to the longest prompt of the batch
-        b = codes.shape[0]
-        img = torch.cat([v.code_to_id(codes), torch.full((b, 1), v.eoi, device=codes.device)], 1)
-        n = img.shape[1]
-        tokens = torch.cat([pr.tokens, img], 1)
-        doc = torch.cat([pr.doc_id, torch.zeros_like(img)], 1)
-        pos = torch.cat([pr.positions, pr.lengths[:, None] + torch.arange(n, device=codes.device)], 1)
-        return Prompts(tokens, doc, pos, pr.lengths + n), pr.tokens.shape[1]
-
-    def loss(self, codes: torch.Tensor, conds: list) -> dict[str, torch.Tensor]:
-        rows, p = self.training_rows(codes.flatten(1), conds)
-        x, y = rows.tokens[:, :-1], rows.tokens[:, 1:]
-        doc = rows.doc_id if rows.padded else None
-        logits = self.net(x, rows.positions[:, :-1], doc_id=None if doc is None else doc[:, :-1])
-        valid = (rows.doc_id[:, 1:] >= 0) & (rows.doc_id[:, :-1] >= 0)  # no target predicted from padding
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Next-token loss on packed rows of :class:`unifuse.data.collate.PackingCollator`
+        (``tokens``, ``position``, ``doc_id``): every target predicted from the same document.
+        ``image_loss`` averages the code and EOI targets, ``text_loss`` the caption's text tokens;
+        ``loss`` averages every target (BOI, class tokens and EOS included)."""
+        tokens, doc = batch["tokens"], batch["doc_id"]
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        logits = self.net(x, batch["position"][:, :-1], doc_id=doc[:, :-1])
+        valid = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)  # no target across documents or padding
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-        is_img = torch.zeros_like(valid)
-        is_img[:, p - 1:] = True  # targets from the first code to EOI
-        text_mask, img_mask = valid & ~is_img & (y != self.vocab.boi), valid & is_img  # caption tokens only
-        image_loss = (ce * img_mask).sum() / img_mask.sum()
-        text_loss = (ce * text_mask).sum() / text_mask.sum().clamp_min(1)
-        total = (ce * valid).sum() / valid.sum()
-        return {"loss": total, "image_loss": image_loss, "text_loss": text_loss,
+        v = self.vocab
+        img_mask = valid & (v.is_image(y) | (y == v.eoi))
+        text_mask = valid & v.is_text(y)
+        return {"loss": (ce * valid).sum() / valid.sum().clamp_min(1),
+                "image_loss": (ce * img_mask).sum() / img_mask.sum().clamp_min(1),
+                "text_loss": (ce * text_mask).sum() / text_mask.sum().clamp_min(1),
                 "tokens": torch.tensor(x.numel())}
 
     @torch.no_grad()

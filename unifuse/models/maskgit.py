@@ -1,10 +1,11 @@
 """MaskGIT over VQ codes: bidirectional transformer, [MASK] token, parallel decoding.
 
-Training masks a cosine-scheduled fraction of the image codes (ratio = cos(pi/2 * u), u ~ U(0, 1))
-and predicts them all at once. Decoding starts from an all-[MASK] image and runs K forward passes;
-after pass k it keeps the N * (1 - cos(pi/2 * (k+1)/K)) most confident positions decoded, choosing
-among the still-masked ones by confidence plus Gumbel noise annealed to zero, so every position is
-decoded exactly once. Same prompt layout and backbone as the AR GPT (image_gpt.py).
+Training masks a cosine-scheduled fraction of each image block's codes (ratio = cos(pi/2 * u),
+u ~ U(0, 1) per image) in the packed rows of ``PackingCollator`` and predicts them all at once.
+Decoding starts from an all-[MASK] image and runs K forward passes; after pass k it keeps the
+N * (1 - cos(pi/2 * (k+1)/K)) most confident positions decoded, choosing among the still-masked
+ones by confidence plus Gumbel noise annealed to zero, so every position is decoded exactly once.
+Same prompt layout and backbone as the AR GPT (image_gpt.py).
 """
 
 from __future__ import annotations
@@ -27,39 +28,54 @@ def cosine_schedule(r: torch.Tensor | float):
 class MaskGIT(TokenImageModel):
     kind = "maskgit"
 
-    def _rows(self, image_tokens: torch.Tensor, conds: list):
-        pr = self.prompts(conds, image_tokens.device, pad_to=None)  # left-pad to the longest prompt of the batch
-        n = image_tokens.shape[1]
-        tokens = torch.cat([pr.tokens, image_tokens], 1)
-        pos = torch.cat([pr.positions, self._image_positions(pr, n)], 1)
-        doc = torch.cat([pr.doc_id, torch.zeros_like(image_tokens)], 1)
-        image_id = torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(image_tokens)], 1)
-        return tokens, pos, doc if pr.padded else None, image_id, pr.tokens.shape[1]
-
     @staticmethod
     def _image_positions(pr, n: int) -> torch.Tensor:
         return pr.lengths[:, None] + torch.arange(n, device=pr.tokens.device)
 
     def image_forward(self, image_tokens: torch.Tensor, conds: list) -> torch.Tensor:
-        """Logits over the image codes for every image position: (B, N, codebook). The caption is
+        """Logits over the image codes for every image position: (B, N, codebook), running the
+        whole row ``prompt + image`` (the uncached reference of :meth:`generate`). The caption is
         causal and the image one bidirectional block (the Transfusion mask), so the caption never
         depends on the image and its keys/values can be cached across decoding steps."""
-        tokens, pos, doc, image_id, p = self._rows(image_tokens, conds)
+        pr = self.prompts(conds, image_tokens.device)
+        n = image_tokens.shape[1]
+        tokens = torch.cat([pr.tokens, image_tokens], 1)
+        pos = torch.cat([pr.positions, self._image_positions(pr, n)], 1)
+        doc = torch.cat([pr.doc_id, torch.zeros_like(image_tokens)], 1)
+        image_id = torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(image_tokens)], 1)
         h = self.net.forward_hidden(self.net.tok_emb(tokens), pos, doc_id=doc, image_id=image_id)
-        return self.image_logits(self.net.lm_head(h[:, p:]))
+        return self.image_logits(self.net.lm_head(h[:, -n:]))
 
-    def loss(self, codes: torch.Tensor, conds: list) -> dict[str, torch.Tensor]:
-        codes = codes.flatten(1)
-        b, n = codes.shape
-        ratio = cosine_schedule(torch.rand(b, 1, device=codes.device))
-        n_mask = (ratio * n).ceil().clamp(1, n)
-        rank = torch.rand(b, n, device=codes.device).argsort(1).argsort(1)
-        masked = rank < n_mask
-        inp = torch.where(masked, torch.full_like(codes, self.vocab.mask), self.vocab.code_to_id(codes))
-        logits = self.image_forward(inp, conds)
-        ce = F.cross_entropy(logits[masked].float(), codes[masked])
-        return {"loss": ce, "image_loss": ce, "masked_fraction": masked.float().mean(),
-                "tokens": torch.tensor(inp.numel() + b * (self.max_text_len // 2))}
+    @staticmethod
+    def mask_codes(image_id: torch.Tensor) -> torch.Tensor:
+        """(B, L) True at the positions to mask: in every image block (``image_id`` >= 0) a
+        fraction cos(pi/2 * u), u ~ U(0, 1) drawn per block, rounded up (at least one position),
+        the positions chosen uniformly within the block."""
+        b, length = image_id.shape
+        is_img = image_id >= 0
+        n_blocks = int(image_id.max()) + 1 if is_img.any() else 0
+        key = torch.where(is_img, image_id, n_blocks)  # non-image positions form a last pseudo-block
+        counts = F.one_hot(key, n_blocks + 1).sum(1)  # (B, blocks + 1) positions per block
+        ratio = cosine_schedule(torch.rand(b, n_blocks, device=image_id.device))
+        n_mask = torch.cat([(ratio * counts[:, :n_blocks]).ceil().clamp_min(1), torch.zeros_like(ratio[:, :1])], 1)
+        # rank of each position within its block: sort by block, then by a random score
+        rank = (key.double() + torch.rand(b, length, device=image_id.device, dtype=torch.float64)).argsort(1).argsort(1)
+        first = counts.cumsum(1) - counts  # rank of each block's first position
+        return is_img & (rank - first.gather(1, key) < n_mask.gather(1, key))
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Masked-code loss on packed rows of :class:`unifuse.data.collate.PackingCollator`: each
+        image block is masked by :meth:`mask_codes` and predicted from the causal prefix
+        (its caption) and the block's unmasked codes; only masked codes are scored."""
+        tokens, image_id = batch["tokens"], batch["image_id"]
+        masked = self.mask_codes(image_id)
+        inp = torch.where(masked, torch.full_like(tokens, self.vocab.mask), tokens)
+        h = self.net.forward_hidden(self.net.tok_emb(inp), batch["position"], doc_id=batch["doc_id"],
+                                    image_id=image_id)
+        logits = self.image_logits(self.net.lm_head(h[masked]))
+        ce = F.cross_entropy(logits.float(), self.vocab.id_to_code(tokens[masked]))
+        return {"loss": ce, "image_loss": ce, "masked_fraction": masked.sum() / (image_id >= 0).sum().clamp_min(1),
+                "tokens": torch.tensor(tokens.numel())}
 
     @torch.no_grad()
     def generate(self, conds: list, steps: int = 8, cfg_scale: float | None = None, temperature: float = 1.0,
