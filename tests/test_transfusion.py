@@ -161,6 +161,48 @@ def test_loss_masking_and_per_image_times():
     torch.testing.assert_close(same["loss"], base["loss"])
 
 
+def test_text_only_documents_train_the_language_model():
+    """Text-only documents are LM targets beside image documents, and a batch of text only trains
+    the backbone while the image side stays in the graph with a zero gradient (DDP needs every
+    parameter to get one)."""
+    m = tiny_model().train()
+    pc = PackingCollator(batch_size=2, seq_len=96, vocab=m.vocab, image_tokens=m.n_patches, seed=0)
+    pc.add(Sample(key="img", url="", text="ab", codes=np.zeros((8, 4, 4), np.float16)))
+    pc.add(Sample(key="txt", url="", text="a text-only document"))
+    mixed = pc.pop()
+    text_doc = (mixed["doc_id"] == 1) & (mixed["tokens"] < m.vocab.text_size)
+    assert int(text_doc.sum()) == len("a text-only document")
+    assert m.text_targets(mixed)[text_doc[:, 1:]].all()  # all its tokens after BOS are targets
+    pc.add(Sample(key="t1", url="", text="only words here"))
+    pc.add(Sample(key="t2", url="", text="and more words"))
+    text_only = pc.pop()
+    assert "image_pos" not in text_only and "latents" not in text_only
+    out = m.loss(text_only, None)
+    assert out["image_loss"].item() == 0.0 and torch.equal(out["loss"], out["text_loss"]) and out["loss"] > 0
+    out["loss"].backward()
+    assert m.net.tok_emb.weight.grad.abs().sum() > 0
+    for p in m.image_parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+def test_ddp_trains_on_text_only_batches(tiny_emoji, tiny_kl, tmp_path):
+    """Two ranks on a text-only source: no rank has an image, and DDP still finds a gradient for
+    every parameter."""
+    from unifuse.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "text", prefix="text", max_samples=20) as w:
+        for i in range(40):
+            w.write(f"t{i}", {"txt": f"document {i} says something about emoji number {i * 7}"})
+    args = transfusion_overrides(tiny_emoji, tiny_kl) + [
+        f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+        "+trainer.limit_val_batches=1", "callbacks.fidelity.enabled=false", "~data.train.emoji",
+        f"+data.train.text={{shards: {tmp_path / 'text'}, weight: 1.0}}", "data.collator.batch_size=2"]
+    run(args, tmp_path)
+    dirs = run_dirs(tmp_path / "outputs")
+    ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["global_step"] >= 3  # DDP complains about a parameter without gradient from the 2nd step
+
+
 def transfusion_overrides(data_dir, kl) -> list[str]:
     return ["model=transfusion", *tiny_data_overrides(data_dir), f"model.tokenizer_ckpt={kl}",
             "model.net.transformer.dim=32", "model.net.transformer.n_layers=2", "model.net.transformer.n_heads=2",

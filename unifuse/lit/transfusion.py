@@ -37,9 +37,10 @@ class TransfusionModule(LatentDiffusionModule):
     def _batch_size(self, batch: dict) -> int:
         return int(batch["tokens"].shape[0])
 
-    def _clean_latents(self, batch: dict) -> torch.Tensor:
+    def _clean_latents(self, batch: dict) -> torch.Tensor | None:
+        """The batch's image latents; None for a batch of text-only documents (LM loss only)."""
         if "latents" not in batch and "image" not in batch:
-            raise ValueError("a Transfusion batch needs images: text-only batches are not supported yet")
+            return None
         return self.latents(batch)
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -60,8 +61,10 @@ class TransfusionModule(LatentDiffusionModule):
     def validation_step(self, batch: dict, batch_idx: int):
         g = torch.Generator().manual_seed(1000 + batch_idx)
         z = self._clean_latents(batch)
-        t = self.net.sample_times(batch["image_first"], g)
-        eps = torch.randn(z.shape, generator=g).to(z.device)
+        t = eps = None
+        if z is not None:
+            t = self.net.sample_times(batch["image_first"], g)
+            eps = torch.randn(z.shape, generator=g).to(z.device)
         out = self.net.loss(batch, z, t, eps, per_token=True)
         out.pop("tokens")
         y, nats = out.pop("text_ids"), out.pop("text_nats")
@@ -72,7 +75,7 @@ class TransfusionModule(LatentDiffusionModule):
         n_bytes = self._caption_bytes()[y[is_text]].sum()
         if n_bytes > 0:
             self.log("val/caption_bpb", nats[is_text].sum() / n_bytes / math.log(2), sync_dist=True, batch_size=bs)
-        if len(self._pool) < self.retrieval_images:
+        if z is not None and len(self._pool) < self.retrieval_images:
             for zi, cap in zip(z, batch["image_caption"], strict=True):  # normalised posterior samples
                 if cap and len(self._pool) < self.retrieval_images:
                     self._pool.append((zi.detach(), cap))

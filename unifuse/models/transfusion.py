@@ -194,20 +194,27 @@ class Transfusion(nn.Module):
         return (image_pos[:, :1] * seq_len + image_pos[:, 1:2]) + torch.arange(n, device=image_pos.device)
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: dict, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict, z_t: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Packed rows (``tokens``, ``position``, ``doc_id``, ``image_id``, ``image_pos``) with the
-        noisy latents of their image blocks -> (LM logits (B, L, V), image predictions (N, C, H, W))."""
+        noisy latents of their image blocks -> (LM logits (B, L, V), image predictions (N, C, H, W)).
+        A text-only batch (``z_t`` None) gives no image predictions."""
         tokens = batch["tokens"]
         b, length = tokens.shape
         x = self.net.tok_emb(tokens)
-        idx = self._image_index(batch["image_pos"], length).flatten()
-        ctx = None
-        if idx.numel():
+        idx, ctx = None, None
+        if z_t is not None and len(z_t):
+            idx = self._image_index(batch["image_pos"], length).flatten()
             img, ctx = self.embed_image(z_t, t)
             x = x.flatten(0, 1).index_copy(0, idx, img.to(x.dtype).flatten(0, 1)).view(b, length, -1)
         h = self.net.forward_hidden(x, batch["position"], doc_id=batch["doc_id"], image_id=batch["image_id"])
-        out = self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
+        out = None if idx is None else self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
         return self.net.lm_head(h), out
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The parameters outside the transformer: time embedding, patch encoder and decoder."""
+        backbone = {id(p) for p in self.net.parameters()}
+        return [p for p in self.parameters() if id(p) not in backbone]
 
     def text_targets(self, batch: dict) -> torch.Tensor:
         """(B, L-1) True where the token at i+1 is a text/special target predicted from a text or
@@ -222,22 +229,28 @@ class Transfusion(nn.Module):
         cap = torch.where(image_first.cpu(), self.icfg.image_first_max_t, 1.0).double()
         return self.diffusion.sample_t(len(image_first), "cpu", generator, max_frac=cap).to(image_first.device)
 
-    def loss(self, batch: dict, z: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
-             per_token: bool = False) -> dict[str, torch.Tensor]:
-        """``z``: (N, C, H, W) clean normalised latents of the batch's image blocks, in order.
-        ``per_token``: also the text targets' ids and nats (``text_ids``, ``text_nats``)."""
-        t = self.sample_times(batch["image_first"]) if t is None else t
+    def loss(self, batch: dict, z: torch.Tensor | None, t: torch.Tensor | None = None,
+             eps: torch.Tensor | None = None, per_token: bool = False) -> dict[str, torch.Tensor]:
+        """``z``: (N, C, H, W) clean normalised latents of the batch's image blocks, in order (None
+        or empty for a text-only batch: LM loss only, the image side kept in the graph with a zero
+        gradient so data-parallel ranks agree). ``per_token``: also the text targets' ids and nats
+        (``text_ids``, ``text_nats``)."""
         logits = {}
+        if z is not None and len(z):
+            t = self.sample_times(batch["image_first"]) if t is None else t
 
-        def model(x_t, tt):
-            logits["lm"], out = self(batch, x_t, tt)
-            return out
+            def model(x_t, tt):
+                logits["lm"], out = self(batch, x_t, tt)
+                return out
 
-        diff = self.diffusion.loss(model, z, t, eps)  # (N,) per image, float32
+            image_loss = self.diffusion.loss(model, z, t, eps).mean()  # (N,) per image, float32
+        else:
+            logits["lm"] = self(batch)[0]
+            image_loss = sum(p.flatten()[0] for p in self.image_parameters()).float() * 0.0
         target = self.text_targets(batch)
         y = batch["tokens"][:, 1:][target]
         nats = F.cross_entropy(logits["lm"][:, :-1][target].float(), y, reduction="none")
-        ce, image_loss = nats.mean(), diff.mean()
+        ce = nats.mean() if len(nats) else nats.sum()
         out = {"loss": ce + self.icfg.diffusion_weight * image_loss, "text_loss": ce, "image_loss": image_loss,
                "tokens": torch.tensor(batch["tokens"].numel())}
         return {**out, "text_ids": y, "text_nats": nats} if per_token else out
