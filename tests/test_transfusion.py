@@ -283,3 +283,22 @@ def test_unet_patch_encoder_trains_both_halves_and_downsamples_by_the_patch_size
                  "to_tokens.weight"):
         g = dict(m.unet.named_parameters())[name].grad
         assert g is not None and g.abs().sum() > 0, name
+
+
+def test_pixel_space_transfusion_trains_and_samples_without_an_autoencoder(tiny_emoji, tmp_path):
+    """``autoencoder=identity``: raw 16x16 pixels cut into 4x4 patches, no autoencoder file anywhere;
+    the checkpoint samples images of the data's size."""
+    from unifuse.checkpoint import load_pipeline
+    from unifuse.train import train
+
+    over = [o for o in transfusion_overrides(tiny_emoji, "unused") if not o.startswith("model.tokenizer_ckpt")]
+    cfg = compose_cfg(over + ["autoencoder=identity", "data.collator.image_tokens=16", "trainer=debug_limit",
+                              "trainer.max_epochs=1", "logger=none", "callbacks.fidelity.enabled=false"], tmp_path)
+    assert cfg.model.tokenizer_ckpt == "identity" and cfg.model.net.image.latent_channels == 3
+    assert cfg.data.train.emoji.shards == str(tiny_emoji / "train")  # the image shards, not latents
+    r = train(cfg)
+    pipe, ck = load_pipeline(r["checkpoint"])
+    assert ck.tokenizer["kind"] == "identity" and ck.tokenizer["path"] == "identity"
+    x = pipe.generate(["twemoji dog face"], steps=2)
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+    assert pipe.caption(x, max_new_tokens=3)[0] is not None

@@ -64,6 +64,7 @@ def register(kind: Kind) -> Kind:
 
 register(Kind("vqvae", "unifuse.models.vqvae:VQVAE", "reconstruction"))
 register(Kind("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder", "reconstruction"))
+register(Kind("identity", "unifuse.models.pixels:PixelSpace", "reconstruction"))  # pixels as latents
 register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
 register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
 register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipeline:LatentDiffusionPipeline"))
@@ -190,6 +191,8 @@ def load_tokenizer(ck: Checkpoint, override: str | Path | None = None,
     one the checkpoint carries, else the file it names if that file is here and unchanged."""
     info = ck.tokenizer or {}
     kind = info.get("kind", "vqvae")
+    if kind == "identity" and not override:  # pixel space: nothing to load
+        return build_net(kind, info.get("config") or {}).to(map_location)
     if override:
         tok = load_net(override, map_location, expect=kind)
         if info.get("sha256") and state_hash(tok.state_dict()) != info["sha256"]:

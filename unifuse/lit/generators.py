@@ -18,6 +18,7 @@ import torch
 from unifuse.checkpoint import load_net, tokenizer_entry
 from unifuse.lit.base import UnifuseModule, check_finite
 from unifuse.models.image_gpt import TokenImageModel
+from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
 from unifuse.text.tokenizer import ByteTokenizer
@@ -63,12 +64,18 @@ class GeneratorModule(UnifuseModule):
                 raise ValueError(f"data.{name} builds sequences with the vocabulary {theirs}, but the model's is "
                                  f"{vocab}: give data.{name} the model's vocab and text tokenizer")
         if self.tokenizer_ckpt and self.tokenizer is None:
-            tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
+            if self.tokenizer_ckpt == IDENTITY:  # pixel space, for the continuous-image models
+                if self.tokenizer_kind != "kl_autoencoder":
+                    raise ValueError(f"model.tokenizer_ckpt=identity (pixels) works for latent diffusion and "
+                                     f"Transfusion; {self.kind} needs a {self.tokenizer_kind} checkpoint")
+                tok, kind, path = PixelSpace(), IDENTITY, IDENTITY
+            else:
+                tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
+                kind, path = self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve())
             tok.requires_grad_(False)
             self.check_tokenizer(tok)
             object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
-            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(
-                tok, self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve()), self.embed_tokenizer)
+            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(tok, kind, path, self.embed_tokenizer)
 
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
