@@ -295,3 +295,25 @@ def test_losses_train_the_models():
             loss.backward()
             opt.step()
         assert loss.item() < 0.3 * first, cls
+
+
+def test_position_conditioning_touches_only_its_positions_and_starts_as_identity():
+    """adaLN on some positions (Transfusion's image patches): zero-initialised it changes nothing;
+    trained, it changes the conditioned positions and what attends to them, never what comes before."""
+    from unifuse.models.transformer import PositionCond
+
+    torch.manual_seed(0)
+    plain = Transformer(TransformerConfig(vocab_size=32, dim=32, n_layers=2, n_heads=2))
+    condd = Transformer(TransformerConfig(vocab_size=32, dim=32, n_layers=2, n_heads=2, cond_dim=8))
+    condd.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 10, 32)
+    cond = PositionCond(torch.randn(2, 8), torch.tensor([4, 5, 6, 7, 14, 15, 16, 17]), 4)  # positions 4..7 of each row
+    ref = plain.forward_hidden(x)
+    torch.testing.assert_close(condd.forward_hidden(x, cond=cond), ref)
+    with torch.no_grad():
+        for layer in condd.layers:
+            layer.ada.proj.weight.normal_(0, 0.1)
+    out = condd.forward_hidden(x, cond=cond)
+    torch.testing.assert_close(out[:, :4], ref[:, :4])
+    assert (out[:, 4:] - ref[:, 4:]).abs().amax(-1).min() > 1e-4
+    torch.testing.assert_close(condd.forward_hidden(x), ref)  # no cond: the plain block

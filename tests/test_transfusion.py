@@ -23,8 +23,11 @@ def tiny_model(transport: str = "ddpm", **image) -> Transfusion:
     torch.manual_seed(0)
     cfg = TransfusionConfig(latent_size=4, diffusion=DiffusionConfig(transport=transport, schedule="cosine"), **image)
     m = Transfusion(TransformerConfig(dim=32, n_layers=2, n_heads=2), cfg).eval()
-    with torch.no_grad():  # the zero-initialised output head: give it something to say
+    with torch.no_grad():  # the zero-initialised output head (and adaLN): give them something to say
         (m.unet.conv_out if m.unet is not None else m.patch_out).weight.normal_(0, 0.02)
+        for layer in m.net.layers:
+            if layer.ada is not None:
+                layer.ada.proj.weight.normal_(0, 0.05)
     return m
 
 
@@ -81,10 +84,11 @@ def test_mask_is_built_once_per_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("transport,sampler,encoder", [("ddpm", "ddim", "linear"), ("flow", "heun", "linear"),
-                                                      ("flow", "euler", "unet")])
+                                                      ("flow", "euler", "unet"), ("flow", "heun", "linear+adaln")])
 def test_kv_cached_sampling_equals_full_recomputation(transport, sampler, encoder):
+    encoder, _, timing = encoder.partition("+")
     m = tiny_model(transport, patch_encoder=encoder, unet_channels=16, unet_blocks=1,
-                   patch_size=2 if encoder == "unet" else 1)
+                   patch_size=2 if encoder == "unet" else 1, time_conditioning=timing or "input")
     prompts = ["abc", "a much longer caption", ""]
     for cfg in (None, 3.0):
         a = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=True)

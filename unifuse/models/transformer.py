@@ -37,6 +37,7 @@ class TransformerConfig:
     grad_checkpointing: bool = False
     attn_impl: str = "auto"  # auto (flex on CUDA, dense SDPA on CPU) | dense | flex
     lm_head: bool = True  # false: an encoder giving hidden states only (e.g. the DiT's caption encoder)
+    cond_dim: int = 0  # > 0: blocks modulate the positions given a conditioning vector (PositionCond)
 
     @property
     def head_dim(self) -> int:
@@ -143,6 +144,46 @@ class KVCache:
         self.doc_id, self.image_id = self.doc_id[rows], self.image_id[rows]
 
 
+# ----------------------------------------------------------------------------- conditioning
+@dataclass
+class PositionCond:
+    """A conditioning vector for some positions (e.g. Transfusion's timestep, for the patches of
+    each image): ``vec`` (N, cond_dim), one per group of ``group`` consecutive entries of ``index``
+    (N * group,), the flat indices into (B * L) of the positions it conditions. Other positions
+    are left exactly as an unconditioned block computes them."""
+
+    vec: torch.Tensor
+    index: torch.Tensor
+    group: int
+
+
+class AdaLN(nn.Module):
+    """Per-block scale, shift and gate for the conditioned positions, (1 + s) x + b before the
+    attention and MLP and (1 + g) on their outputs; zero-initialised, so a fresh block computes
+    what an unconditioned one does."""
+
+    def __init__(self, cond_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, 6 * dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def params(self, cond: PositionCond) -> torch.Tensor:
+        """(6, N * group, dim): shift, scale, gate for the attention, then for the MLP."""
+        m = self.proj(F.silu(cond.vec)).repeat_interleave(cond.group, 0)
+        return m.view(m.shape[0], 6, -1).transpose(0, 1)
+
+    @staticmethod
+    def modulate(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None):
+        flat = x.flatten(0, 1)
+        y = flat[index] * (1 + scale.to(x.dtype))
+        y = y if shift is None else y + shift.to(x.dtype)
+        return flat.index_copy(0, index, y).view_as(x)
+
+
 # ----------------------------------------------------------------------------- blocks
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -186,10 +227,17 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.ada = AdaLN(cfg.cond_dim, cfg.dim) if cfg.cond_dim > 0 else None
 
-    def forward(self, x, angles, spec, cache, layer, span):
-        x = x + self.drop(self.attn(self.attn_norm(x), angles, spec, cache, layer, span))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, angles, spec, cache, layer, span, cond: PositionCond | None = None):
+        if self.ada is None or cond is None:
+            x = x + self.drop(self.attn(self.attn_norm(x), angles, spec, cache, layer, span))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada.params(cond)
+        i, mod = cond.index, self.ada.modulate
+        a = self.attn(mod(self.attn_norm(x), i, sc1, sh1), angles, spec, cache, layer, span)
+        x = x + self.drop(mod(a, i, g1))
+        return x + self.drop(mod(self.mlp(mod(self.mlp_norm(x), i, sc2, sh2)), i, g2))
 
 
 class Transformer(nn.Module):
@@ -208,6 +256,8 @@ class Transformer(nn.Module):
         for layer in self.layers:  # scaled init of residual projections (GPT-2)
             for w in (layer.attn.wo.weight, layer.mlp.w2.weight):
                 nn.init.normal_(w, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            if layer.ada is not None:
+                layer.ada.reset_parameters()  # zero again after the normal init above
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -223,9 +273,10 @@ class Transformer(nn.Module):
 
     def forward_hidden(self, x: torch.Tensor, positions: torch.Tensor | None = None, *, causal: bool = True,
                        doc_id: torch.Tensor | None = None, image_id: torch.Tensor | None = None,
-                       cache: KVCache | None = None) -> torch.Tensor:
+                       cache: KVCache | None = None, cond: PositionCond | None = None) -> torch.Tensor:
         """x: (B, L, dim) input embeddings. positions: (B, L) or (B, L, 2) rotary positions
-        (default 0..L-1 after what the cache holds). doc_id/image_id: (B, L) for the new positions."""
+        (default 0..L-1 after what the cache holds). doc_id/image_id: (B, L) for the new positions.
+        ``cond``: conditioning for some of the new positions (needs ``cond_dim`` > 0)."""
         b, l, _ = x.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -239,9 +290,9 @@ class Transformer(nn.Module):
             spec = MaskSpec(causal, doc_id, image_id)
         for i, layer in enumerate(self.layers):
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, angles, spec, cache, i, span, use_reentrant=False)
+                x = checkpoint(layer, x, angles, spec, cache, i, span, cond, use_reentrant=False)
             else:
-                x = layer(x, angles, spec, cache, i, span)
+                x = layer(x, angles, spec, cache, i, span, cond)
         if cache is not None:
             cache.length = span[1]
         return self.norm(x)
@@ -259,5 +310,6 @@ class Transformer(nn.Module):
         """Matmul FLOPs per token: 2 * params (forward) + attention scores/values 2 * 2 * L * d per
         layer (causal halves it on average, not counted: the kernels compute most of it anyway).
         Training = 3x forward (forward + backward)."""
-        fwd = 2 * (self.num_params(non_embedding=True)) + 4 * self.cfg.n_layers * seq_len * self.cfg.dim
+        per_image = sum(p.numel() for layer in self.layers if layer.ada is not None for p in layer.ada.parameters())
+        fwd = 2 * (self.num_params(non_embedding=True) - per_image) + 4 * self.cfg.n_layers * seq_len * self.cfg.dim
         return 3 * fwd if training else fwd

@@ -49,7 +49,7 @@ from unifuse.diffusion.samplers import guided_sample
 from unifuse.models.autoencoder import Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
 from unifuse.models.sampling import left_padded, row_generators, sample_logits
-from unifuse.models.transformer import KVCache, Transformer, TransformerConfig
+from unifuse.models.transformer import KVCache, PositionCond, Transformer, TransformerConfig
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
@@ -67,6 +67,9 @@ class TransfusionConfig:
     image_first_max_t: float = 0.5  # images before their text: t <= this fraction of the noise range
     max_text_len: int = 48  # caption tokens kept in prompts
     patch_encoder: str = "linear"  # linear | unet
+    # input: the timestep embedding is added to each patch vector (the paper); adaln: also a
+    # scale, shift and gate from it in every block, at the image's positions only (as DiT's adaLN)
+    time_conditioning: str = "input"
     unet_channels: int = 64  # unet: conv width
     unet_blocks: int = 2  # unet: residual blocks per level
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="cosine"))
@@ -131,7 +134,11 @@ class Transfusion(nn.Module):
         self.icfg = image
         self.text_tokenizer = text_tokenizer or ByteTokenizer()
         self.vocab = VocabLayout(text_size=max(self.text_tokenizer.vocab_size, 1))
-        self.net = Transformer(TransformerConfig(**{**asdict(transformer), "vocab_size": self.vocab.size}))
+        if image.time_conditioning not in ("input", "adaln"):
+            raise ValueError(f"time_conditioning must be 'input' or 'adaln', not {image.time_conditioning!r}")
+        cond_dim = transformer.dim if image.time_conditioning == "adaln" else 0
+        self.net = Transformer(TransformerConfig(**{**asdict(transformer), "vocab_size": self.vocab.size,
+                                                    "cond_dim": cond_dim}))
         self.diffusion = image.diffusion.build()
         dim, cpp = self.net.cfg.dim, image.latent_channels * image.patch_size**2
         self.register_buffer("pos_emb", sincos_2d(image.grid, dim), persistent=False)
@@ -164,9 +171,9 @@ class Transfusion(nn.Module):
         return self.icfg.grid**2
 
     # ------------------------------------------------------------------ images in and out
-    def embed_image(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """(N, C, H, W) noisy latents at times (N,) -> ((N, patches, dim) input vectors, what
-        :meth:`image_output` needs from the encoder: the U-Net's skips and time embedding)."""
+    def embed_image(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(N, C, H, W) noisy latents at times (N,) -> ((N, patches, dim) input vectors, (the U-Net's
+        skips or None, the time embedding (N, dim)) for :meth:`image_output` and the blocks)."""
         b, c, h, w = z.shape
         p, dtype = self.icfg.patch_size, self.t_mlp[0].weight.dtype
         t = t * 1000.0 if isinstance(self.diffusion, FlowMatching) else t  # flow times in [0, 1]
@@ -175,15 +182,27 @@ class Transfusion(nn.Module):
             x, skips = self.unet.encode(z.to(dtype), temb)
             return x + self.pos_emb.to(dtype) + temb[:, None], (skips, temb)
         patches = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
-        return self.patch_in(patches.to(dtype)) + self.pos_emb.to(dtype) + temb[:, None], None
+        return self.patch_in(patches.to(dtype)) + self.pos_emb.to(dtype) + temb[:, None], (None, temb)
 
-    def image_output(self, h: torch.Tensor, ctx: tuple | None = None) -> torch.Tensor:
+    def image_output(self, h: torch.Tensor, ctx: tuple) -> torch.Tensor:
         """(N, patches, dim) hidden states -> (N, C, H, W) predictions, float32."""
         if self.unet is not None:
             return self.unet.decode(h, *ctx).float()
         n, g, p, c = h.shape[0], self.icfg.grid, self.icfg.patch_size, self.icfg.latent_channels
         x = self.patch_out(h).float()
         return x.reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, g * p, g * p)
+
+    def hidden_with_images(self, x: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                           **kw) -> tuple[torch.Tensor, tuple]:
+        """Backbone hidden states of input embeddings ``x`` (B, L, dim) whose flat positions ``idx``
+        (N * patches,) are the patches of ``z`` at times ``t``: those inputs are replaced by the patch
+        embeddings and, with ``time_conditioning=adaln``, conditioned on ``t`` in every block.
+        ``kw`` goes to :meth:`Transformer.forward_hidden`. Returns (hidden, ctx for image_output)."""
+        b, length, _ = x.shape
+        img, ctx = self.embed_image(z, t)
+        x = x.flatten(0, 1).index_copy(0, idx, img.to(x.dtype).flatten(0, 1)).view(b, length, -1)
+        cond = PositionCond(ctx[1], idx, self.n_patches) if self.net.cfg.cond_dim else None
+        return self.net.forward_hidden(x, cond=cond, **kw), ctx
 
     def _image_index(self, image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
         """(N, patches) flat indices into (B * L) of every image block's positions."""
@@ -202,14 +221,12 @@ class Transfusion(nn.Module):
         tokens = batch["tokens"]
         b, length = tokens.shape
         x = self.net.tok_emb(tokens)
-        idx, ctx = None, None
-        if z_t is not None and len(z_t):
-            idx = self._image_index(batch["image_pos"], length).flatten()
-            img, ctx = self.embed_image(z_t, t)
-            x = x.flatten(0, 1).index_copy(0, idx, img.to(x.dtype).flatten(0, 1)).view(b, length, -1)
-        h = self.net.forward_hidden(x, batch["position"], doc_id=batch["doc_id"], image_id=batch["image_id"])
-        out = None if idx is None else self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
-        return self.net.lm_head(h), out
+        kw = {"positions": batch["position"], "doc_id": batch["doc_id"], "image_id": batch["image_id"]}
+        if z_t is None or not len(z_t):
+            return self.net.lm_head(self.net.forward_hidden(x, **kw)), None
+        idx = self._image_index(batch["image_pos"], length).flatten()
+        h, ctx = self.hidden_with_images(x, idx, z_t, t, **kw)
+        return self.net.lm_head(h), self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
 
     def image_parameters(self) -> list[nn.Parameter]:
         """The parameters outside the transformer: time embedding, patch encoder and decoder."""
@@ -268,13 +285,14 @@ class Transfusion(nn.Module):
         then b unconditional when guided); the cache is left as it was."""
         rows, n = cache.k[0].shape[0], self.n_patches
         doc, image_id = torch.zeros_like(img_pos), torch.full_like(img_pos, block)
+        slots, every = self._image_slots(rows, img_pos.device)
 
         def net(x, t, cond):
             r = x.shape[0]
             if r < rows:  # guidance switched off for this step: the unconditional rows ride along
                 x, t = torch.cat([x, x])[:rows], torch.cat([t, t])[:rows]
-            emb, ctx = self.embed_image(x, t)
-            h = self.net.forward_hidden(emb, img_pos, doc_id=doc, image_id=image_id, cache=cache)
+            h, ctx = self.hidden_with_images(slots, every, x, t, positions=img_pos, doc_id=doc, image_id=image_id,
+                                             cache=cache)
             cache.truncate(cache.length - n)
             return self.image_output(h, ctx)[:r]
 
@@ -286,11 +304,19 @@ class Transfusion(nn.Module):
         return guided_sample(self.diffusion, net, (b, *self.latent_shape()), sampler, steps, cfg_scale,
                              cfg_schedule, eta, gens, device, cond={}, uncond={})
 
+    def _image_slots(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings of ``rows`` image blocks alone (filled by :meth:`hidden_with_images`) and
+        the flat indices of all their positions."""
+        n = self.n_patches
+        return (torch.empty(rows, n, self.net.cfg.dim, device=device, dtype=self.net.tok_emb.weight.dtype),
+                torch.arange(rows * n, device=device))
+
     def _commit_image(self, cache: KVCache, z: torch.Tensor, img_pos: torch.Tensor, block: int) -> None:
         """The clean latent (t = 0) enters the cache."""
         t0 = torch.zeros(len(z), device=z.device)
         t0 = t0 if isinstance(self.diffusion, FlowMatching) else t0.long()
-        self.net.forward_hidden(self.embed_image(z, t0)[0], img_pos, doc_id=torch.zeros_like(img_pos),
+        slots, every = self._image_slots(len(z), z.device)
+        self.hidden_with_images(slots, every, z, t0, positions=img_pos, doc_id=torch.zeros_like(img_pos),
                                 image_id=torch.full_like(img_pos, block), cache=cache)
 
     @torch.no_grad()
@@ -384,11 +410,9 @@ class Transfusion(nn.Module):
         prefix, t0 = self._image_prefix(z)
         k = prefix["tokens"].shape[1]
         cache = self.net.new_cache(b, k + max_new_tokens)
-        x = self.net.tok_emb(prefix["tokens"])
         idx = self._image_index(prefix["image_pos"], k).flatten()
-        x = x.flatten(0, 1).index_copy(0, idx, self.embed_image(z, t0)[0].to(x.dtype).flatten(0, 1)).view(b, k, -1)
-        h = self.net.forward_hidden(x, prefix["position"], doc_id=prefix["doc_id"], image_id=prefix["image_id"],
-                                    cache=cache)[:, -1]
+        h = self.hidden_with_images(self.net.tok_emb(prefix["tokens"]), idx, z, t0, positions=prefix["position"],
+                                    doc_id=prefix["doc_id"], image_id=prefix["image_id"], cache=cache)[0][:, -1]
         gens = row_generators(seed, b, dev)
         out = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
