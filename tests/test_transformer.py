@@ -307,7 +307,7 @@ def test_position_conditioning_touches_only_its_positions_and_starts_as_identity
     condd = Transformer(TransformerConfig(vocab_size=32, dim=32, n_layers=2, n_heads=2, cond_dim=8))
     condd.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randn(2, 10, 32)
-    cond = PositionCond(torch.randn(2, 8), torch.tensor([4, 5, 6, 7, 14, 15, 16, 17]), 4)  # positions 4..7 of each row
+    cond = PositionCond.at(torch.randn(2, 8), torch.tensor([4, 5, 6, 7, 14, 15, 16, 17]), (2, 10))  # 4..7 per row
     ref = plain.forward_hidden(x)
     torch.testing.assert_close(condd.forward_hidden(x, cond=cond), ref)
     with torch.no_grad():

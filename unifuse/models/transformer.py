@@ -147,20 +147,28 @@ class KVCache:
 # ----------------------------------------------------------------------------- conditioning
 @dataclass
 class PositionCond:
-    """A conditioning vector for some positions (e.g. Transfusion's timestep, for the patches of
-    each image): ``vec`` (N, cond_dim), one per group of ``group`` consecutive entries of ``index``
-    (N * group,), the flat indices into (B * L) of the positions it conditions. Other positions
-    are left exactly as an unconditioned block computes them."""
+    """A conditioning vector for groups of positions (e.g. Transfusion's timestep, one per image,
+    for that image's patches): ``vec`` (N, cond_dim) and ``slot`` (B, L), 0 at unconditioned
+    positions and k + 1 at the positions of group k. Unconditioned positions are computed exactly
+    as an unconditioned block computes them."""
 
     vec: torch.Tensor
-    index: torch.Tensor
-    group: int
+    slot: torch.Tensor
+
+    @classmethod
+    def at(cls, vec: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> PositionCond:
+        """``index`` (N * group,): the flat indices into (B * L) of each group's positions, in order."""
+        group = index.numel() // len(vec)
+        slot = torch.zeros(shape[0] * shape[1], dtype=torch.long, device=index.device)
+        slot[index] = torch.arange(1, len(vec) + 1, device=index.device).repeat_interleave(group)
+        return cls(vec, slot.view(shape))
 
 
 class AdaLN(nn.Module):
     """Per-block scale, shift and gate for the conditioned positions, (1 + s) x + b before the
     attention and MLP and (1 + g) on their outputs; zero-initialised, so a fresh block computes
-    what an unconditioned one does."""
+    what an unconditioned one does. The N vectors are looked up per position (an embedding lookup,
+    whose backward is a scatter-add), and the modulation is dense elementwise work."""
 
     def __init__(self, cond_dim: int, dim: int):
         super().__init__()
@@ -171,17 +179,12 @@ class AdaLN(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def params(self, cond: PositionCond) -> torch.Tensor:
-        """(6, N * group, dim): shift, scale, gate for the attention, then for the MLP."""
-        m = self.proj(F.silu(cond.vec)).repeat_interleave(cond.group, 0)
-        return m.view(m.shape[0], 6, -1).transpose(0, 1)
-
-    @staticmethod
-    def modulate(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None):
-        flat = x.flatten(0, 1)
-        y = flat[index] * (1 + scale.to(x.dtype))
-        y = y if shift is None else y + shift.to(x.dtype)
-        return flat.index_copy(0, index, y).view_as(x)
+    def forward(self, cond: PositionCond) -> tuple[torch.Tensor, ...]:
+        """Six (B, L, dim) tensors: shift, scale, gate for the attention, then for the MLP; zero at
+        unconditioned positions."""
+        m = self.proj(F.silu(cond.vec))
+        table = torch.cat([torch.zeros_like(m[:1]), m])  # slot 0: no modulation
+        return F.embedding(cond.slot, table).chunk(6, -1)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -233,11 +236,10 @@ class Block(nn.Module):
         if self.ada is None or cond is None:
             x = x + self.drop(self.attn(self.attn_norm(x), angles, spec, cache, layer, span))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada.params(cond)
-        i, mod = cond.index, self.ada.modulate
-        a = self.attn(mod(self.attn_norm(x), i, sc1, sh1), angles, spec, cache, layer, span)
-        x = x + self.drop(mod(a, i, g1))
-        return x + self.drop(mod(self.mlp(mod(self.mlp_norm(x), i, sc2, sh2)), i, g2))
+        sh1, sc1, g1, sh2, sc2, g2 = (m.to(x.dtype) for m in self.ada(cond))
+        a = self.attn(torch.addcmul(sh1, self.attn_norm(x), 1 + sc1), angles, spec, cache, layer, span)
+        x = x + self.drop(a * (1 + g1))
+        return x + self.drop(self.mlp(torch.addcmul(sh2, self.mlp_norm(x), 1 + sc2)) * (1 + g2))
 
 
 class Transformer(nn.Module):

@@ -201,7 +201,7 @@ class Transfusion(nn.Module):
         b, length, _ = x.shape
         img, ctx = self.embed_image(z, t)
         x = x.flatten(0, 1).index_copy(0, idx, img.to(x.dtype).flatten(0, 1)).view(b, length, -1)
-        cond = PositionCond(ctx[1], idx, self.n_patches) if self.net.cfg.cond_dim else None
+        cond = PositionCond.at(ctx[1], idx, (b, length)) if self.net.cfg.cond_dim else None
         return self.net.forward_hidden(x, cond=cond, **kw), ctx
 
     def _image_index(self, image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
