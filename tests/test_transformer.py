@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -317,3 +319,31 @@ def test_position_conditioning_touches_only_its_positions_and_starts_as_identity
     torch.testing.assert_close(out[:, :4], ref[:, :4])
     assert (out[:, 4:] - ref[:, 4:]).abs().amax(-1).min() > 1e-4
     torch.testing.assert_close(condd.forward_hidden(x), ref)  # no cond: the plain block
+
+
+def test_rotary_embedding_matches_the_pairwise_rotation_and_depends_on_offsets_only():
+    """RoPE rotates each pair (x[2i], x[2i+1]) by pos * theta^(-2i/d); scores q.k then depend only
+    on the distance between the two positions."""
+    from unifuse.models.transformer import apply_rope, rope_rotation
+
+    torch.manual_seed(0)
+    d, theta = 8, 10_000.0
+    x = torch.randn(1, 1, 5, d)
+    pos = torch.tensor([[0, 1, 2, 7, 30]])
+    out = apply_rope(x, rope_rotation(pos, d, theta, False))
+    ref = torch.empty_like(x)
+    for j, p in enumerate(pos[0].tolist()):
+        for i in range(d // 2):
+            a = p * theta ** (-2 * i / d)
+            c, s = math.cos(a), math.sin(a)
+            x0, x1 = x[0, 0, j, 2 * i].item(), x[0, 0, j, 2 * i + 1].item()
+            ref[0, 0, j, 2 * i], ref[0, 0, j, 2 * i + 1] = x0 * c - x1 * s, x0 * s + x1 * c
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    q, k = torch.randn(2, 1, 1, 1, d)
+
+    def score(pq, pk):
+        rq = apply_rope(q, rope_rotation(torch.tensor([[pq]]), d, theta, False))
+        rk = apply_rope(k, rope_rotation(torch.tensor([[pk]]), d, theta, False))
+        return (rq * rk).sum().item()
+
+    assert abs(score(3, 1) - score(12, 10)) < 1e-4 and abs(score(3, 1) - score(3, 2)) > 1e-3

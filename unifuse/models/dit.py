@@ -35,7 +35,7 @@ from torch import nn
 
 from unifuse.diffusion import DiffusionConfig, FlowMatching
 from unifuse.models.attention import MaskSpec
-from unifuse.models.transformer import Attention, SwiGLU, Transformer, TransformerConfig, rope_angles
+from unifuse.models.transformer import Attention, SwiGLU, Transformer, TransformerConfig, rope_rotation
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
@@ -119,9 +119,9 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x, c, angles, spec):
+    def forward(self, x, c, rot, spec):
         s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, -1)
-        x = torch.addcmul(x, g1[:, None], self.attn(modulate(self.norm1(x), s1, sc1), angles, spec, None, 0, None))
+        x = torch.addcmul(x, g1[:, None], self.attn(modulate(self.norm1(x), s1, sc1), rot, spec, None, 0, None))
         return torch.addcmul(x, g2[:, None], self.mlp(modulate(self.norm2(x), s2, sc2)))
 
 
@@ -244,13 +244,13 @@ class DiT(nn.Module):
             x = torch.cat([th, x], 1)
             pos = torch.cat([torch.zeros(b, th.shape[1], 2, dtype=pos.dtype, device=z.device), pos], 1)
             doc = torch.cat([tdoc, torch.zeros(b, g * g, dtype=tdoc.dtype, device=z.device)], 1)
-        angles = rope_angles(pos, self.tcfg.head_dim, self.tcfg.rope_theta, True)
+        rot = rope_rotation(pos, self.tcfg.head_dim, self.tcfg.rope_theta, True)
         spec = MaskSpec(False, doc, None)
         for blk in self.blocks:
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, c, angles, spec, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, c, rot, spec, use_reentrant=False)
             else:
-                x = blk(x, c, angles, spec)
+                x = blk(x, c, rot, spec)
         x = x[:, -g * g:]
         shift, scale = self.ada_out(c).chunk(2, -1)
         return self.unpatchify(self.patch_out(modulate(self.norm_out(x), shift, scale))).float()

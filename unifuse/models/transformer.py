@@ -85,12 +85,17 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, two_d: boo
     return torch.cat([positions[..., 0:1].float() * inv, positions[..., 1:2].float() * inv], -1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); angles: (B, L, D/2). Rotates pairs (x[2i], x[2i+1])."""
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
-    return out.type_as(x)
+def rope_rotation(positions: torch.Tensor, head_dim: int, theta: float, two_d: bool) -> torch.Tensor:
+    """The unit complex rotations (B, 1, L, head_dim // 2) of :func:`rope_angles`, computed once per
+    forward and shared by every layer."""
+    angles = rope_angles(positions, head_dim, theta, two_d)
+    return torch.polar(torch.ones_like(angles), angles)[:, None]
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); rot: (B, 1, L, D/2) complex. Rotates pairs (x[2i], x[2i+1]) as complex numbers."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -199,12 +204,12 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, angles, spec: MaskSpec, cache: KVCache | None, layer: int, span):
+    def forward(self, x, rot, spec: MaskSpec, cache: KVCache | None, layer: int, span):
         b, l, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
         q = self.wq(x).view(b, l, nh, hd).transpose(1, 2)
         k, v = self.wkv(x).view(b, l, 2, nkv, hd).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        q, k = apply_rope(self.q_norm(q), rot), apply_rope(self.k_norm(k), rot)
         if cache is not None:
             k, v = cache.update(layer, k, v, *span)
         out = attend(q, k, v, spec, self.cfg.attn_impl)
@@ -232,12 +237,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.ada = AdaLN(cfg.cond_dim, cfg.dim) if cfg.cond_dim > 0 else None
 
-    def forward(self, x, angles, spec, cache, layer, span, cond: PositionCond | None = None):
+    def forward(self, x, rot, spec, cache, layer, span, cond: PositionCond | None = None):
         if self.ada is None or cond is None:
-            x = x + self.drop(self.attn(self.attn_norm(x), angles, spec, cache, layer, span))
+            x = x + self.drop(self.attn(self.attn_norm(x), rot, spec, cache, layer, span))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
         sh1, sc1, g1, sh2, sc2, g2 = (m.to(x.dtype) for m in self.ada(cond))
-        a = self.attn(torch.addcmul(sh1, self.attn_norm(x), 1 + sc1), angles, spec, cache, layer, span)
+        a = self.attn(torch.addcmul(sh1, self.attn_norm(x), 1 + sc1), rot, spec, cache, layer, span)
         x = x + self.drop(a * (1 + g1))
         return x + self.drop(self.mlp(torch.addcmul(sh2, self.mlp_norm(x), 1 + sc2)) * (1 + g2))
 
@@ -283,7 +288,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + l, device=x.device).expand(b, l)
-        angles = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_2d)
+        rot = rope_rotation(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_2d)
         span = None
         if cache is not None:
             span = cache.reserve(l, doc_id, image_id)
@@ -292,9 +297,9 @@ class Transformer(nn.Module):
             spec = MaskSpec(causal, doc_id, image_id)
         for i, layer in enumerate(self.layers):
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, angles, spec, cache, i, span, cond, use_reentrant=False)
+                x = checkpoint(layer, x, rot, spec, cache, i, span, cond, use_reentrant=False)
             else:
-                x = layer(x, angles, spec, cache, i, span, cond)
+                x = layer(x, rot, spec, cache, i, span, cond)
         if cache is not None:
             cache.length = span[1]
         return self.norm(x)
