@@ -24,7 +24,7 @@ data: setup  ## build the embedded emoji dataset (32x32) into data/ if missing
 
 train: setup data  ## text-to-image Transfusion on emoji (+ its KL autoencoder when there is none); ARGS="..."
 	@$(BIN)/python -c "from unifuse.config import latest_checkpoint as l; l('outputs', 'kl_emoji')" 2>/dev/null \
-		|| $(BIN)/python -m unifuse.train experiment=kl_emoji trainer.max_epochs=3  # 3 of its 5 epochs: the 15-min budget
+		|| $(BIN)/python -m unifuse.train experiment=kl_emoji
 	$(BIN)/python -m unifuse.train experiment=transfusion_emoji $(ARGS)
 
 train-vqvae: setup data  ## the VQ-VAE image tokenizer of the AR GPT and MaskGIT (about 7 min on CPU)
