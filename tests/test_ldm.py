@@ -175,3 +175,29 @@ def test_latent_shards_train_the_same_model_and_a_mismatch_names_the_setting(tin
     assert torch.isfinite(torch.tensor(r["metrics"]["train/loss"]))
     with pytest.raises(ValueError, match="latent_size"):
         train(compose_cfg(over + ["model.net.dit.latent_size=4"], tmp_path / "bad"))
+
+
+def test_pixel_space_latent_diffusion_with_the_identity_autoencoder(tiny_emoji, tmp_path):
+    """model.tokenizer_ckpt=identity: a DiT on raw 16x16 pixels (3 channels, 2x2 patches), no
+    autoencoder; a VQ model refuses it, naming the setting."""
+    from unifuse.checkpoint import load_pipeline
+    from unifuse.train import train
+
+    over = [o for o in ldm_overrides(tiny_emoji, "unused") if not o.startswith("model.tokenizer_ckpt")]
+    r = train(compose_cfg(over + ["model.tokenizer_ckpt=identity", "model.net.dit.latent_channels=3",
+                                  "model.net.dit.latent_size=16", "model.net.dit.patch_size=4", "trainer=debug_limit",
+                                  "trainer.max_epochs=1", "logger=none", "callbacks.fidelity.enabled=false"],
+                          tmp_path / "ldm"))
+    pipe, ck = load_pipeline(r["checkpoint"])
+    assert ck.tokenizer["kind"] == "identity"
+    x = pipe.generate(["twemoji dog face"])
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+    from unifuse.lit.generators import TokenGeneratorModule
+    from unifuse.models.image_gpt import ImageGPT
+    from unifuse.models.transformer import TransformerConfig
+    from unifuse.text.vocab import VocabLayout
+
+    ar = TokenGeneratorModule(ImageGPT(TransformerConfig(dim=32, n_layers=1, n_heads=2), VocabLayout(image_codes=8),
+                                       grid=2), tokenizer_ckpt="identity")
+    with pytest.raises(ValueError, match="tokenizer_ckpt=identity"):
+        ar.setup("fit")
