@@ -143,3 +143,25 @@ def test_captioned_grid_layout():
     assert (g[4 + tile:4 + tile + 14, 4:4 + tile] < 128).any()  # its caption
     second_row = g.shape[0] // 2
     assert not (g[second_row + 4 + tile:, :] < 128).any()  # no caption under uncaptioned tiles
+
+
+def test_a_collator_with_another_vocabulary_is_refused_at_setup():
+    """Token ids must mean the same to the data collator and the model (e.g. a different codebook
+    size moves every special token)."""
+    from types import SimpleNamespace
+
+    from unifuse.data.collate import PackingCollator
+    from unifuse.lit.generators import TokenGeneratorModule
+    from unifuse.models.image_gpt import ImageGPT
+    from unifuse.models.transformer import TransformerConfig
+    from unifuse.text.vocab import VocabLayout
+
+    module = TokenGeneratorModule(ImageGPT(TransformerConfig(dim=32, n_layers=1, n_heads=2),
+                                           VocabLayout(image_codes=16), grid=2))
+    same = PackingCollator(2, 16, vocab=VocabLayout(image_codes=16))
+    other = PackingCollator(2, 16, vocab=VocabLayout(image_codes=32))
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(collator=same, val_collator=same))
+    module.setup("fit")
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(collator=same, val_collator=other))
+    with pytest.raises(ValueError, match="data.val_collator builds sequences"):
+        module.setup("fit")

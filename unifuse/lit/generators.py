@@ -56,26 +56,33 @@ class GeneratorModule(UnifuseModule):
         """Raise if the frozen tokenizer does not fit the net (e.g. codebook size, latent channels)."""
 
     def setup(self, stage: str) -> None:
-        vocab = getattr(self.net, "vocab", None)  # models over token sequences built by the data collator
+        self._check_collators()
+        if self.tokenizer_ckpt and self.tokenizer is None:
+            tok, kind, path = self._load_tokenizer()
+            tok.requires_grad_(False)
+            self.check_tokenizer(tok)
+            object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
+            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(tok, kind, path, self.embed_tokenizer)
+
+    def _check_collators(self) -> None:
+        """Models over token sequences: the data collators must build them with the model's vocabulary."""
+        vocab = getattr(self.net, "vocab", None)
         dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
         for name in ("collator", "val_collator"):
             theirs = getattr(getattr(dm, name, None), "vocab", None)
             if vocab is not None and theirs is not None and theirs != vocab:
                 raise ValueError(f"data.{name} builds sequences with the vocabulary {theirs}, but the model's is "
                                  f"{vocab}: give data.{name} the model's vocab and text tokenizer")
-        if self.tokenizer_ckpt and self.tokenizer is None:
-            if self.tokenizer_ckpt == IDENTITY:  # pixel space, for the continuous-image models
-                if self.tokenizer_kind != "kl_autoencoder":
-                    raise ValueError(f"model.tokenizer_ckpt=identity (pixels) works for latent diffusion and "
-                                     f"Transfusion; {self.kind} needs a {self.tokenizer_kind} checkpoint")
-                tok, kind, path = PixelSpace(), IDENTITY, IDENTITY
-            else:
-                tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
-                kind, path = self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve())
-            tok.requires_grad_(False)
-            self.check_tokenizer(tok)
-            object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
-            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(tok, kind, path, self.embed_tokenizer)
+
+    def _load_tokenizer(self) -> tuple[torch.nn.Module, str, str]:
+        """(frozen tokenizer / autoencoder, its registry kind, the path recorded in checkpoints)."""
+        if self.tokenizer_ckpt != IDENTITY:
+            tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
+            return tok, self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve())
+        if self.tokenizer_kind != "kl_autoencoder":  # pixel space is for the continuous-image models
+            raise ValueError(f"model.tokenizer_ckpt=identity (pixels) works for latent diffusion and "
+                             f"Transfusion; {self.kind} needs a {self.tokenizer_kind} checkpoint")
+        return PixelSpace(), IDENTITY, IDENTITY
 
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
