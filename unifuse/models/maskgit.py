@@ -28,23 +28,15 @@ def cosine_schedule(r: torch.Tensor | float):
 class MaskGIT(TokenImageModel):
     kind = "maskgit"
 
-    @staticmethod
-    def _image_positions(pr, n: int) -> torch.Tensor:
-        return pr.lengths[:, None] + torch.arange(n, device=pr.tokens.device)
-
     def image_forward(self, image_tokens: torch.Tensor, conds: list) -> torch.Tensor:
         """Logits over the image codes for every image position: (B, N, codebook), running the
         whole row ``prompt + image`` (the uncached reference of :meth:`generate`). The caption is
         causal and the image one bidirectional block (the Transfusion mask), so the caption never
         depends on the image and its keys/values can be cached across decoding steps."""
-        pr = self.prompts(conds, image_tokens.device)
-        n = image_tokens.shape[1]
-        tokens = torch.cat([pr.tokens, image_tokens], 1)
-        pos = torch.cat([pr.positions, self._image_positions(pr, n)], 1)
-        doc = torch.cat([pr.doc_id, torch.zeros_like(image_tokens)], 1)
-        image_id = torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(image_tokens)], 1)
-        h = self.net.forward_hidden(self.net.tok_emb(tokens), pos, doc_id=doc, image_id=image_id)
-        return self.image_logits(self.net.lm_head(h[:, -n:]))
+        row = self.prompts(conds, image_tokens.device).with_image_block(image_tokens)
+        h = self.net.forward_hidden(self.net.tok_emb(row["tokens"]), row["position"], doc_id=row["doc_id"],
+                                    image_id=row["image_id"])
+        return self.image_logits(self.net.lm_head(h[:, -image_tokens.shape[1]:]))
 
     @staticmethod
     def mask_codes(image_id: torch.Tensor) -> torch.Tensor:
@@ -98,7 +90,7 @@ class MaskGIT(TokenImageModel):
             cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n)
             self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions,
                                     doc_id=pr.doc_id if pr.padded else None, cache=cache)
-            img_pos = self._image_positions(pr, n)
+            img_pos = pr.image_positions(n)
         for k in tqdm(range(steps), desc="maskgit", unit="step", disable=not progress):
             inp = torch.where(known, self.vocab.code_to_id(codes), torch.full_like(codes, self.vocab.mask))
             inp = inp.repeat(len(rows) // b, 1)

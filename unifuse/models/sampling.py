@@ -24,6 +24,18 @@ class Prompts:
     def padded(self) -> bool:
         return bool((self.doc_id < 0).any())
 
+    def image_positions(self, n: int) -> torch.Tensor:
+        """(R, n) rotary positions of an n-position image block right after each prompt."""
+        return self.lengths[:, None] + torch.arange(n, device=self.tokens.device)
+
+    def with_image_block(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prompts followed by one image block of ``block`` (R, n) token ids: ``tokens``,
+        ``position``, ``doc_id`` and ``image_id`` (0 on the block, -1 elsewhere) of the whole rows."""
+        return {"tokens": torch.cat([self.tokens, block], 1),
+                "position": torch.cat([self.positions, self.image_positions(block.shape[1])], 1),
+                "doc_id": torch.cat([self.doc_id, torch.zeros_like(block)], 1),
+                "image_id": torch.cat([torch.full_like(self.tokens, -1), torch.zeros_like(block)], 1)}
+
 
 def left_padded(rows: list[list[int]], pad: int, device, pad_to: int | None = None) -> Prompts:
     """Token-id rows -> :class:`Prompts` (at least ``pad_to`` long)."""

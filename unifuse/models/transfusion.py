@@ -330,18 +330,15 @@ class Transfusion(nn.Module):
         rows += [[v.bos, v.boi]] * b if cfg_scale is not None else []
         pr = left_padded(rows, v.pad, dev)
         gens = row_generators(seed, b, dev)
-        img_pos = pr.lengths[:, None] + torch.arange(n, device=dev)
         if use_cache:
             cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n + 1)
             self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions, doc_id=pr.doc_id, cache=cache)
-            return self._denoise(cache, img_pos, 0, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens)
+            return self._denoise(cache, pr.image_positions(n), 0, b, sampler, steps, cfg_scale, cfg_schedule, eta,
+                                 gens)
         p = pr.tokens.shape[1]
-        batch = {"tokens": torch.cat([pr.tokens, torch.full((len(rows), n), v.pad, device=dev)], 1),
-                 "position": torch.cat([pr.positions, img_pos], 1),
-                 "doc_id": torch.cat([pr.doc_id, torch.zeros_like(img_pos)], 1),
-                 "image_id": torch.cat([torch.full_like(pr.tokens, -1), torch.zeros_like(img_pos)], 1),
-                 "image_pos": torch.stack([torch.arange(len(rows), device=dev), torch.full((len(rows),), p, device=dev),
-                                           torch.full((len(rows),), n, device=dev)], 1)}
+        batch = pr.with_image_block(torch.full((len(rows), n), v.pad, device=dev))
+        batch["image_pos"] = torch.stack([torch.arange(len(rows), device=dev), torch.full((len(rows),), p, device=dev),
+                                          torch.full((len(rows),), n, device=dev)], 1)
 
         def net(x, t, cond):
             r = x.shape[0]
