@@ -38,7 +38,7 @@ def test_online_generator_fid_is_reproduced_by_the_evaluate_cli(online):
     logged = {k: v for k, v in online["metrics"].items() if k.startswith("eval/fid@domain-")}
     assert len(logged) == 1, online["metrics"]
     (name, value), = logged.items()
-    assert name.endswith("-n8-cfg1.5lin")  # the ar_gpt preset's sampling: cfg 1.5, linear ramp
+    assert name.endswith("-n8-ema-cfg1.5lin")  # callbacks.ema's average; the ar_gpt preset's cfg 1.5, linear ramp
     res = evaluate_main([f"ckpt={online['checkpoint']}"])
     assert res["metric_names"]["fid"] == name
     assert res["metrics"]["fid"] == pytest.approx(value, rel=1e-5, abs=1e-6)

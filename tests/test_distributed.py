@@ -33,11 +33,12 @@ def unequal_image_shards(d: Path, sizes=(13, 5, 9, 1, 7)) -> Path:
     return d
 
 
-def run(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, launcher: list[str] | None = None,
+        timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
     cmd = (launcher or [sys.executable, "-m"]) + ["unifuse.train", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -83,7 +83,8 @@ def test_online_rfid_is_reproduced_by_the_evaluate_cli(tiny_emoji, domain_weight
     stored = json.loads(Path(res["json"]).read_text())
     assert stored["protocol"]["n"] == len(reference_set(str(tiny_emoji / "val"), 32)[0])
     assert stored["protocol"]["feature_extractor"].startswith("domain-")
-    assert stored["protocol"]["weights"] == "raw" and stored["protocol"]["task"] == "reconstruction"
+    # callbacks.ema is on by default: online and offline both evaluate the average
+    assert stored["protocol"]["weights"] == "ema" and stored["protocol"]["task"] == "reconstruction"
     # a different protocol gets a different name: numbers from different n cannot be confused
     other = evaluate_main([f"ckpt={result['checkpoint']}", "n=8"])
     assert other["metric_names"]["rfid"] != name and other["protocol"]["n"] == 8

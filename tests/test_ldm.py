@@ -13,7 +13,7 @@ from tests.conftest import compose_cfg, ldm_overrides
 from tests.test_distributed import run, run_dirs
 from unifuse.models.dit import DiT, DiTConfig
 
-EMA = ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.9"]
+EMA = ["callbacks.ema.decay=0.9", "callbacks.ema.update_starting_at_step=0"]  # the default callback, averaging at once
 
 
 @pytest.fixture(scope="module")

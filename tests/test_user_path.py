@@ -199,7 +199,7 @@ def test_vqvae_trains_on_the_shards_and_evaluate_gives_rfid(user):
     path = user["home"] / printed.group(1)
     assert path.is_file() and path.parent == local["checkpoint"].parent
     res = json.loads(path.read_text())
-    name = f"eval/rfid@inception-v3-compat-n{user['n_val']}"
+    name = f"eval/rfid@inception-v3-compat-n{user['n_val']}-ema"  # every model keeps an EMA; evaluation uses it
     assert res["metric_names"]["rfid"] == name
     rfid = res["metrics"]["rfid"]
     assert math.isfinite(rfid) and rfid > 0, res["metrics"]  # one epoch of a 27k-parameter VQ-VAE: not perfect

@@ -267,14 +267,12 @@ class FidelityEval(L.Callback):
             return
         if not trainer.is_global_zero:
             return
-        from lightning.pytorch.callbacks import WeightAveraging
-
         from unifuse.checkpoint import get_kind
+        from unifuse.ema import weights_in_use
         from unifuse.eval.fidelity import EVALUATORS, metric_name
 
         kind = get_kind(pl_module.kind)
-        # Lightning's weight averaging swaps the average in for validation (and back after the callbacks)
-        weights = "ema" if any(isinstance(c, WeightAveraging) for c in trainer.callbacks) else "raw"
+        weights = weights_in_use(trainer)  # callbacks.ema keeps the average in until validation ends
         if kind.pipeline is None:  # autoencoders: reconstructions of the reference images
             result = EVALUATORS[kind.task](pl_module.net, self.cfg, weights=weights)
         else:  # generators: samples through the same pipeline the sampling CLI uses

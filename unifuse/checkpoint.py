@@ -15,6 +15,9 @@ FID callback and the generator modules all go through :func:`read_checkpoint` / 
 Loading never unpickles: Lightning checkpoints are read with ``torch.load(weights_only=True)``,
 exports with ``safetensors``.
 
+A training checkpoint holds two sets of weights when ``callbacks.ema`` was on: the EMA average and
+the trained ("raw") weights. ``weights=ema|raw`` picks one; the default is the run's ``eval.weights``.
+
 Checkpoints travel: a generator checkpoint carries its image tokenizer (config + weights under
 ``unifuse_tokenizer``, and a content hash) and its text tokenizer's vocabulary, so it samples on a
 machine that has nothing else. ``tokenizer=<checkpoint>`` overrides what it carries.
@@ -107,6 +110,7 @@ class Checkpoint:
     tokenizer_state: dict | None = None  # carried image-tokenizer weights
     epoch: int | None = None
     step: int | None = None
+    weights: str = "raw"  # which weights state_dict holds: ema (the average of callbacks.ema) | raw
 
     @property
     def sampling(self) -> dict:
@@ -132,24 +136,51 @@ def _upgrade(meta: dict) -> dict:
     return meta
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """A Lightning checkpoint (weights-only load) or an export directory (safetensors)."""
+def _choose_weights(requested: str | None, available: tuple[str, ...], protocol: dict, where: Path) -> str:
+    """``requested`` (ema | raw) if the checkpoint holds it; None: the training run's ``eval.weights``
+    (stored with its protocol), or what the checkpoint holds when that is not there."""
+    if requested is None:
+        preferred = protocol.get("weights") or "ema"
+        return preferred if preferred in available else available[0]
+    if requested not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', not {requested!r}")
+    if requested not in available:
+        why = "it was trained without callbacks.ema" if requested == "ema" else "an export keeps one set"
+        raise ValueError(f"{where} holds only {available[0]} weights ({why}): pass weights={available[0]}")
+    return requested
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    weights: str | None = None) -> Checkpoint:
+    """A Lightning checkpoint (weights-only load), a sharded one (a directory of ``trainer=fsdp``
+    shards, see :mod:`unifuse.sharded`) or an export directory (safetensors). ``weights``: ``ema``
+    (the average of ``callbacks.ema``) or ``raw`` (the trained weights); None: the run's
+    ``eval.weights``, raw for a checkpoint without an average."""
+    from unifuse.sharded import is_sharded, read_sharded
+
     path = Path(path).expanduser()
-    if path.is_dir():
-        return _read_export(path, map_location)
-    if not path.is_file():
+    if path.is_dir() and not is_sharded(path):
+        return _read_export(path, map_location, weights)
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ck = torch.load(path, map_location=map_location, weights_only=True)
+    ck = read_sharded(path, map_location) if path.is_dir() else torch.load(path, map_location=map_location,
+                                                                          weights_only=True)
     if not isinstance(ck, dict) or not isinstance(ck.get("unifuse"), dict):
         raise ValueError(f"{path} is not a unifuse checkpoint (no 'unifuse' entry with its kind and config)")
     meta = _upgrade(ck["unifuse"])
     get_kind(meta.get("kind"), str(path))
-    state = {k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")}
-    return Checkpoint(path, meta["kind"], meta["config"], state, meta, dict(ck.get("unifuse_eval") or {}),
-                      ck.get("unifuse_tokenizer"), ck.get("epoch"), ck.get("global_step"))
+    protocol = dict(ck.get("unifuse_eval") or {})
+    # Lightning's weight averaging (callbacks.ema) saves the average as the state_dict and the trained
+    # weights as current_model_state
+    has_ema = "averaging_state" in ck and "current_model_state" in ck
+    meta["weights"] = _choose_weights(weights, ("ema", "raw") if has_ema else ("raw",), protocol, path)
+    full = ck["current_model_state"] if has_ema and meta["weights"] == "raw" else ck["state_dict"]
+    state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
+    return Checkpoint(path, meta["kind"], meta["config"], state, meta, protocol, ck.get("unifuse_tokenizer"),
+                      ck.get("epoch"), ck.get("global_step"), meta["weights"])
 
 
-def _read_export(path: Path, map_location) -> Checkpoint:
+def _read_export(path: Path, map_location, weights: str | None = None) -> Checkpoint:
     from safetensors.torch import load_file
 
     cfg_file = path / EXPORT_CONFIG
@@ -163,8 +194,11 @@ def _read_export(path: Path, map_location) -> Checkpoint:
     state = load_file(str(path / EXPORT_WEIGHTS), device=device)
     tok = path / EXPORT_TOKENIZER
     meta = {k: c[k] for k in ("kind", "config", "cond", "sampling", "tokenizer") if k in c}
-    return Checkpoint(path, c["kind"], c["config"], state, meta, dict(c.get("eval") or {}),
-                      load_file(str(tok), device=device) if tok.is_file() else None, c.get("epoch"), c.get("step"))
+    protocol = dict(c.get("eval") or {})
+    meta["weights"] = _choose_weights(weights, (c.get("weights", "raw"),), protocol, path)
+    return Checkpoint(path, c["kind"], c["config"], state, meta, protocol,
+                      load_file(str(tok), device=device) if tok.is_file() else None, c.get("epoch"), c.get("step"),
+                      meta["weights"])
 
 
 def build_net(kind: str, config: dict, state_dict: dict | None = None) -> nn.Module:
@@ -220,9 +254,11 @@ def tokenizer_entry(tokenizer: nn.Module, kind: str, path: str | None, embed: bo
     return info, (state if embed else None)
 
 
-def load_pipeline(path: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Prompts -> images for a generator checkpoint: (pipeline, checkpoint)."""
-    ck = read_checkpoint(path, device)
+def load_pipeline(path: str | Path, tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
+                  weights: str | None = None):
+    """Prompts -> images for a generator checkpoint: (pipeline, checkpoint). ``weights``: ema | raw
+    (default: see :func:`read_checkpoint`)."""
+    ck = read_checkpoint(path, device, weights)
     kind = get_kind(ck.kind)
     pipeline_cls = kind.pipeline_class()
     net = load_net(ck, device)

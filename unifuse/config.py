@@ -99,6 +99,8 @@ def wandb_run(field_name: str, ckpt_path: str | None = None, task_name: str = "t
         stored = None
         if ckpt_path and str(ckpt_path) not in ("None", "null"):
             rec = Path(ckpt_path).expanduser().resolve().parent.parent / WANDB_RUN_FILE
+            if str(ckpt_path) in ("last", "auto"):  # resuming in this run directory (unifuse.resume)
+                rec = Path(str(output_dir)) / WANDB_RUN_FILE
             if rec.is_file():
                 stored = json.loads(rec.read_text())
         parts = Path(str(output_dir)).parts
@@ -191,6 +193,7 @@ class SampleApp(SamplingOverrides):
     n: int = 16  # samples per prompt
     out: str | None = None  # PNG path; default <run>/samples/...
     tokenizer: str | None = None  # image tokenizer to decode with; default: the one the checkpoint carries
+    weights: str | None = None  # ema | raw; default: the training run's eval.weights (raw without an EMA)
     device: str = "cpu"
 
 
@@ -208,9 +211,18 @@ class EvaluateApp(SamplingOverrides):
     metrics: list[str] = MISSING
     batch_size: int = MISSING
     cache_dir: str | None = MISSING
+    weights: str = MISSING  # ema | raw
     tokenizer: str | None = None
     out: str | None = None  # JSON path; default next to the checkpoint
     device: str = "cpu"
+
+
+@dataclass
+class GuardConfig:
+    """``guard`` in the training config: what a non-finite loss does (``unifuse.guard``)."""
+
+    nonfinite: str = "stop"  # stop | skip
+    max_skips_in_row: int = 3  # skip: this many non-finite batches in a row stop the run
 
 
 @dataclass
@@ -283,6 +295,7 @@ def register() -> None:
     cs.store(group="schema", name="adversarial", node=AdversarialConfig)
     cs.store(group="schema", name="sampling", node=SamplingConfig)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)
+    cs.store(group="schema", name="guard", node=GuardConfig)
     cs.store(name="sample_schema", node=SampleApp)
     cs.store(name="evaluate_schema", node=EvaluateApp)
     cs.store(name="export_schema", node=ExportApp)

@@ -35,29 +35,29 @@ def evaluate_checkpoint(ckpt_path: str | Path, tokenizer: str | None = None, dev
     """Evaluate one checkpoint: ``overrides`` are EvalConfig fields and sampling settings."""
     from unifuse.checkpoint import get_kind, load_net, load_pipeline, read_checkpoint
     from unifuse.eval.fidelity import EVALUATORS, metric_name, protocol_parts
+    from unifuse.sharded import is_sharded
 
     unknown = set(overrides) - {f.name for f in fields(EvalConfig)} - {f.name for f in fields(SamplingOverrides)}
     if unknown:
         raise ValueError(f"unknown evaluation settings: {sorted(unknown)}")
-    ck = read_checkpoint(ckpt_path, device)
+    ck = read_checkpoint(ckpt_path, device, overrides.get("weights"))  # ema | raw; default: the run's choice
     kind = get_kind(ck.kind)
     names = {f.name for f in fields(EvalConfig)}
     cfg = EvalConfig(**{**{k: v for k, v in ck.eval.items() if k in names},
-                        **{k: v for k, v in overrides.items() if k in names}})
+                        **{k: v for k, v in overrides.items() if k in names}, "weights": ck.weights})
     if cfg.reference is None:
         raise ValueError("no reference set: pass reference=<image shards of the val split>")
     sampling = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SamplingOverrides)}}
-    weights = ck.meta.get("weights", "raw")  # ema: the checkpoint's weights are the EMA average
     if kind.pipeline is None:
-        result = EVALUATORS[kind.task](load_net(ck, device), cfg, weights=weights)
+        result = EVALUATORS[kind.task](load_net(ck, device), cfg, weights=ck.weights)
     else:
-        pipe, _ = load_pipeline(ck.path, tokenizer, device)
-        result = EVALUATORS[kind.task](pipe, cfg, weights=weights, **sampling)
+        pipe, _ = load_pipeline(ck.path, tokenizer, device, ck.weights)
+        result = EVALUATORS[kind.task](pipe, cfg, weights=ck.weights, **sampling)
     result = {"checkpoint": str(ck.path), "kind": ck.kind, "epoch": ck.epoch, "step": ck.step,
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}
     slug = "_".join(protocol_parts(result["protocol"]))
-    base = ck.path if ck.path.is_dir() else ck.path.parent
+    base = ck.path if ck.path.is_dir() and not is_sharded(ck.path) else ck.path.parent  # beside a .ckpt or shards
     path = Path(out) if out else base / f"eval_{ck.path.stem}_{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

@@ -6,6 +6,9 @@ checkpoint or export directory through the checkpoint registry (weights-only, no
 ``tokenizer=<checkpoint>``), writes a PNG grid (one row per prompt when n <= 16, the prompt under
 its first image) and prints its path.
 
+``weights=ema|raw`` picks the EMA average or the trained weights of a checkpoint that has both
+(default: the training run's ``eval.weights``).
+
 Sampling settings (cfg_scale, cfg_schedule, temperature, top_k, top_p, steps, seed) default to the
 ones the training run stored; ``cfg_scale=null`` samples without guidance. A prompt is required:
 ``prompt='' uncond=true`` asks for unconditional samples explicitly. ``--cfg job`` prints the
@@ -45,7 +48,10 @@ def parse_prompts(prompt: str | None, uncond: bool) -> list[str]:
 
 
 def default_out(ckpt_path: Path, kind: str, prompts: list[str], seed) -> Path:
-    run = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
+    from unifuse.sharded import is_sharded
+
+    # an export directory is its own run; a .ckpt file or a sharded checkpoint sits in <run>/checkpoints/
+    run = ckpt_path if ckpt_path.is_dir() and not is_sharded(ckpt_path) else ckpt_path.parent.parent
     slug = "_".join(p.replace(" ", "-") or "uncond" for p in prompts)[:80]
     return run / "samples" / f"{kind}_{slug}_s{seed}.png"
 
@@ -123,7 +129,7 @@ def sample(cfg: DictConfig) -> Path:
 
     if cfg.mode not in ("text2image", "caption", "document"):
         raise ValueError(f"mode must be text2image, caption or document, not {cfg.mode!r}")
-    pipe, ck = load_pipeline(cfg.ckpt, cfg.tokenizer, cfg.device)
+    pipe, ck = load_pipeline(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.weights)
     if cfg.mode == "caption":
         return caption_images(cfg, pipe, ck)
     if cfg.mode == "document":
@@ -142,7 +148,7 @@ def sample(cfg: DictConfig) -> Path:
     # the prompt under the first image of each prompt's run of n samples
     save_captioned_grid(images.cpu(), [(c or "(unconditional)") if i % n == 0 else "" for i, c in enumerate(conds)],
                         out, nrow=min(n, 16))
-    print(f"{len(conds)} samples in {dt:.1f}s ({ck.kind}, {settings}) -> {out}")
+    print(f"{len(conds)} samples in {dt:.1f}s ({ck.kind}, {ck.weights} weights, {settings}) -> {out}")
     return out
 
 

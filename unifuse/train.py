@@ -83,6 +83,9 @@ def train(cfg: DictConfig) -> dict:
     import torch
     from hydra.utils import instantiate
 
+    from unifuse.resume import complete_checkpoints, resolve_ckpt_path
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)  # last | auto | <file>
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
@@ -90,9 +93,17 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if (cfg.get("compile") or {}).get("enabled"):
+        from unifuse.parallel import compile_blocks
+
+        compile_blocks(model, backend=cfg.compile.backend)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    from unifuse.guard import manual_optimisation_kwargs
+
+    # modules that optimise by hand clip their gradients themselves (Lightning refuses the trainer's)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          **manual_optimisation_kwargs(model, cfg.trainer))
 
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is not None and trainer.is_global_zero:  # what a resume needs to continue this W&B run
@@ -108,13 +119,15 @@ def train(cfg: DictConfig) -> dict:
         for lg in loggers:
             lg.log_hyperparams(hparams)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: resuming unpickles no code; a unifuse checkpoint holds tensors and plain values only
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
     ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None:
-        result["checkpoint"] = ckpt_cb.last_model_path or ckpt_cb.best_model_path
+    if ckpt_cb is not None:  # the run's last.ckpt (callbacks.last_checkpoint), else the best one
+        last = complete_checkpoints(cfg.paths.output_dir)
+        result["checkpoint"] = str(last[0]) if last else ckpt_cb.last_model_path or ckpt_cb.best_model_path
     images = [str(p) for cb in callbacks for p in getattr(cb, "written", [])]
     result["images"] = images
     for lg in loggers:

@@ -1,7 +1,8 @@
 """Collators turn decoded samples into batches inside the data workers.
 
 A collator has ``batch_size``, ``add(sample) -> skip reason | None``, ``ready()``, ``pop()`` and
-``fresh()`` (a new empty copy for each worker/epoch).
+``fresh(key)`` (a new empty copy for each worker/epoch; ``key`` seeds its random choices, so a stream
+restarted at the same epoch, rank and worker makes the same ones).
 
 * :class:`ImageCollator` - image batches for tokenizers/autoencoders: ``image`` (uint8, B x 3 x H x W;
   the DataModule turns it into floats in [-1, 1] on the device), ``caption``, ``cls``, ``key``,
@@ -33,7 +34,7 @@ class ImageCollator:
         self.batch_size, self.need_image = batch_size, need_image
         self._items: list[Sample] = []
 
-    def fresh(self) -> ImageCollator:
+    def fresh(self, key: tuple = ()) -> ImageCollator:
         c = copy.copy(self)
         c._items = []
         return c
@@ -102,15 +103,16 @@ class PackingCollator:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.vocab = vocab or VocabLayout(text_size=self.tokenizer.vocab_size)
         self.image_tokens, self.caption_first, self.p_uncond = image_tokens, caption_first, p_uncond
-        self.rng = random.Random(seed)
+        self.seed, self.rng = seed, random.Random(seed)
         self._rows: list[list[tuple]] = []  # per row: list of documents
         self._fill: list[int] = []
         self._pending: list[tuple] = []
 
-    def fresh(self) -> PackingCollator:
+    def fresh(self, key: tuple = ()) -> PackingCollator:
         c = copy.copy(self)
         c._rows, c._fill, c._pending = [], [], []
-        c.rng = random.Random(self.rng.random())
+        # str seeds hash the same in every process; without a key: the next draw of this one's generator
+        c.rng = random.Random("/".join(map(str, (self.seed, *key)))) if key else random.Random(self.rng.random())
         return c
 
     # ------------------------------------------------------------------ documents

@@ -17,6 +17,32 @@ from unifuse.data.stream import ShardStream, Source, worker_init_threads
 log = logging.getLogger("unifuse.data")
 
 
+class StreamLoader(DataLoader):
+    """The training DataLoader: Lightning (2.x) stores ``state_dict()`` of a train loader that has one in
+    each checkpoint and gives it back to ``load_state_dict`` on resume. The state is the epoch and the
+    batches of it trained on, from ``position`` (the fit loop's count: the loader itself runs ahead of
+    training, by the prefetched batches and the workers' queues); the stream starts there again.
+    Its own ``generator`` keeps iterator creation (which draws worker seeds) off the global torch
+    RNG, whose state the checkpoint restores."""
+
+    def __init__(self, dataset: ShardStream, position=None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict:
+        epoch, batches = self.position() if self.position else (self.dataset.base_epoch, 0)
+        return {"epoch": int(epoch), "batches": int(batches), "world_size": self.dataset.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.dataset.world_size:
+            log.warning("the checkpoint was written by %d ranks, this run has %d: the ranks split the data "
+                        "differently, so epoch %d starts over", state["world_size"], self.dataset.world_size,
+                        state["epoch"])
+            self.dataset.set_epoch(state["epoch"])
+        else:
+            self.dataset.resume_at(state["epoch"], state["batches"])
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams training sources mixed by weight and one validation source.
 
@@ -132,11 +158,23 @@ class ShardDataModule(L.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, stream: ShardStream) -> DataLoader:
+    def _loader(self, stream: ShardStream, cls=DataLoader, **kwargs) -> DataLoader:
         nw = self.num_workers
-        return DataLoader(stream, batch_size=None, num_workers=nw, persistent_workers=nw > 0,
-                          pin_memory=self.pin_memory, worker_init_fn=worker_init_threads if nw else None,
-                          prefetch_factor=4 if nw else None)
+        return cls(stream, batch_size=None, num_workers=nw, persistent_workers=nw > 0,
+                   pin_memory=self.pin_memory, worker_init_fn=worker_init_threads if nw else None,
+                   prefetch_factor=4 if nw else None, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches of it trained on) as the fit loop counts them. Lightning (2.6) resumes a
+        checkpoint written at the end of the epoch's last step (``on_train_batch_end``) straight in the
+        next epoch, with the loader's first iteration: that is (next epoch, 0). One written after that
+        step (validation end, epoch end) first iterates the rest of the finished epoch, nothing: that
+        is (this epoch, all its batches), and the next iteration is the next epoch."""
+        t = self.trainer
+        bp = t.fit_loop.epoch_loop.batch_progress.current
+        if bp.processed >= t.num_training_batches and bp.completed < bp.processed:
+            return t.current_epoch + 1, 0
+        return t.current_epoch, bp.processed
 
     @staticmethod
     def _source(key: str, name: str, shards, weight: float = 1.0) -> Source:
@@ -157,7 +195,8 @@ class ShardDataModule(L.LightningDataModule):
         return stream
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_stream())
+        return self._loader(self.train_stream(), StreamLoader,
+                            position=self._train_position if self.trainer is not None else None)
 
     def val_dataloader(self):
         if not self.val_spec:

@@ -309,6 +309,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.base_epoch = 0
         self._iterations = 0  # epochs this copy has run (persistent workers keep their copy)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
         self.num_batches = self._plan_batches(batches_per_epoch)
         # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
         self.quotas = _quotas(self.num_batches * collator.batch_size, [s.weight for s in sources])
@@ -340,6 +341,14 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.base_epoch = epoch
         self._iterations = 0
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next iteration is epoch ``epoch`` without its first ``batches`` batches (a run resumed
+        mid-epoch): the rest come in the order the interrupted run would have given them. The skipped
+        batches are built again and dropped (shuffle buffers and packing depend on what came before),
+        which costs their loading time, not their training time."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, batches)
 
     # ------------------------------------------------------------------ iteration
     def _worker_batches(self, wid: int, nw: int) -> tuple[int, int, int]:
@@ -443,9 +452,17 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.base_epoch + self._iterations
+        resume, self._resume = self._resume, None  # for the first iteration after resume_at only
+        done = resume[1] if resume is not None and resume[0] == epoch else 0
         self._iterations += 1
         if self.mode == "epoch" and not self.shuffle:
             epoch = 0  # unshuffled (validation): the same samples in the same order every time
+        # The DataLoader takes batches from its workers in turn, starting with worker 0. After `done`
+        # batches worker k has given done // nw + (k < done % nw) of its own, and the next one is due from
+        # worker done % nw: so a resumed worker plays the part of worker (wid + done) % nw and replays
+        # (builds, does not yield) the batches that part had given.
+        wid = (wid + done) % nw
+        skip = done // nw + (wid < done % nw)
         rng = random.Random(hash((self.seed, epoch, self.rank, wid)) & 0xFFFFFFFF)
         stats: Counter = Counter()
         mine, before, _ = self._worker_batches(wid, nw)
@@ -455,7 +472,7 @@ class ShardStream(IterableDataset):
             samples = self._epoch_samples(epoch, before, mine, rng, stats)
         else:
             samples = self._resampled_samples(rng, stats)
-        collator = self.collator.fresh()
+        collator = self.collator.fresh(key=(epoch, self.rank, wid))
         made, rejected = 0, 0
         limit = 2 * sum(s.total for s in self.sources) + 100  # every readable sample refused, twice over
         while made < mine:
@@ -474,9 +491,14 @@ class ShardStream(IterableDataset):
                 batch["data_stats"] = dict(stats)
                 stats.clear()
                 made += 1
-                yield batch
+                if made > skip:
+                    yield batch
 
 
 def worker_init_threads(_: int) -> None:
-    """DataLoader workers decode images; one intra-op thread each avoids oversubscribing cores."""
+    """DataLoader workers decode images; one intra-op thread each avoids oversubscribing cores. They
+    leave preemption signals to the main process (``unifuse.preemption.shield_worker``)."""
+    from unifuse.preemption import shield_worker
+
     torch.set_num_threads(1)
+    shield_worker()

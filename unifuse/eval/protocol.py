@@ -22,6 +22,9 @@ class EvalConfig:
     batch_size: int = 128
     cache_dir: str | None = None
     seed: int = 0
+    # ema | raw: the weights evaluated (and, in training, validated and sampled); ema falls back to
+    # raw for a checkpoint written without callbacks.ema
+    weights: str = "ema"
 
 
 @dataclass

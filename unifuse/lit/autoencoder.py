@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from unifuse.lit.base import UnifuseModule, check_finite, param_groups
+from unifuse.lit.base import UnifuseModule, param_groups
 from unifuse.models.discriminator import (
     AdversarialConfig,
     PatchDiscriminator,
@@ -93,15 +93,16 @@ class ReconstructionModule(UnifuseModule):
         recon, nll, extra, logs, aux = self._losses(x)
         loss = nll + extra
         if self.adv is not None:
-            loss = self._adversarial_step(x, recon, nll, loss, logs, batch)
+            loss, ok = self._adversarial_step(x, recon, nll, loss, logs, batch)
         else:
             logs["loss"] = loss
-            check_finite(logs, self.global_step, batch)
-        self.after_train_step(aux)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=x.shape[0])
+            ok = self.finite_losses(logs, batch)  # skipped: the guard drops the gradients before the step
+        if ok:
+            self.after_train_step(aux)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=x.shape[0])
         return loss
 
-    def _adversarial_step(self, x, recon, nll, loss, logs, batch) -> torch.Tensor:
+    def _adversarial_step(self, x, recon, nll, loss, logs, batch) -> tuple[torch.Tensor, bool]:
         opt_g, opt_d = self.optimizers()
         on = self._gan_on()
         if on:
@@ -109,21 +110,25 @@ class ReconstructionModule(UnifuseModule):
             w = adaptive_weight(nll, g, self.net.decoder.conv_out.weight) if self.adv.adaptive else torch.ones(())
             loss = loss + self.adv.weight * w * g
             logs.update(g_loss=g, adaptive_weight=w)
+            # the discriminator's loss before either step, so a non-finite one drops the whole batch
+            # (the discriminator is the same before and after the autoencoder's step)
+            logs["d_loss"] = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(recon.detach()))
         logs["loss"] = loss
-        check_finite(logs, self.global_step, batch)
+        if not self.finite_losses(logs, batch):
+            return loss.detach(), False
+        clip = self.manual_clipping  # trainer.gradient_clip_val, moved here (Lightning refuses it here)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self.clip_and_log(opt_g, *clip)
         opt_g.step()
         if on:
-            d = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(recon.detach()))
-            check_finite({"d_loss": d}, self.global_step, batch)
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d)
+            self.manual_backward(logs["d_loss"])
+            self.clip_and_log(opt_d, *clip, name="train/d_grad_norm")
             opt_d.step()
-            logs["d_loss"] = d
         for sch in self.lr_schedulers() or []:
             sch.step()
-        return loss.detach()
+        return loss.detach(), True
 
     def configure_optimizers(self):
         if self.adv is None:

@@ -1,15 +1,17 @@
 """What every unifuse LightningModule shares: optimizer/scheduler wiring from Hydra partials,
-checkpoint metadata (kind + architecture config, so nets rebuild without Lightning), and the
+checkpoint metadata (kind + architecture config, so nets rebuild without Lightning; which weights
+the checkpoint's state_dict holds), the loss and gradient guards of :mod:`unifuse.guard`, and the
 ``log_images`` hook that ``ImageLogger`` calls on rank 0."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import nn
+
+from unifuse.guard import NonFiniteGuard, nonfinite_message, nonfinite_terms, total_norm_and_clip
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,18 +28,11 @@ def check_finite(terms: dict[str, torch.Tensor], step: int, batch: dict | None =
     """Raise ``FloatingPointError`` naming the step, every non-finite loss term and the batch's
     sample keys (so the offending samples can be found in the shards). One check per step on the
     already-computed scalars: a single host sync for all terms."""
-    names = list(terms)
-    if not names:
+    if not terms:
         return
-    dev = next((v.device for v in terms.values() if isinstance(v, torch.Tensor)), None)
-    vals = torch.stack([torch.as_tensor(terms[k], device=dev).detach().float().reshape(()) for k in names])
-    if bool(torch.isfinite(vals).all()):
-        return
-    bad = {k: float(v) for k, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v)}
-    keys = list((batch or {}).get("key") or [])
-    shown = ", ".join(map(str, keys[:8])) + (f", ... ({len(keys)} samples)" if len(keys) > 8 else "")
-    raise FloatingPointError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-                             + (f"; batch keys: {shown}" if keys else ""))
+    flag, names, vals = nonfinite_terms(terms)
+    if flag.item():
+        raise FloatingPointError(f"non-finite loss at step {step}: {nonfinite_message(names, vals, batch)}")
 
 
 class UnifuseModule(L.LightningModule):
@@ -48,6 +43,8 @@ class UnifuseModule(L.LightningModule):
         super().__init__()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
+        # (clip value, algorithm) for modules that optimise by hand (guard.manual_optimisation_kwargs)
+        self.manual_clipping: tuple[float | None, str | None] = (None, None)
 
     # subclasses return {"kind": ..., "config": {...}} describing their nets
     def checkpoint_meta(self) -> dict:
@@ -58,8 +55,33 @@ class UnifuseModule(L.LightningModule):
         return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["unifuse"] = self.checkpoint_meta()
+        # callbacks' hooks run first: Lightning's weight averaging (callbacks.ema) has stored the
+        # average as the state_dict and the trained weights beside it
+        weights = "ema" if "averaging_state" in checkpoint else "raw"
+        checkpoint["unifuse"] = {**self.checkpoint_meta(), "weights": weights}
         checkpoint.update(self.checkpoint_extras())
+
+    # ------------------------------------------------------------------ guards (unifuse.guard)
+    def finite_losses(self, terms: dict, batch: dict | None = None) -> bool:
+        """Check a training step's loss terms before backward: True to go on, False to skip the
+        batch (``guard.nonfinite=skip``, agreed by all ranks); stopping raises ``FloatingPointError``."""
+        trainer = self._trainer
+        guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None) if trainer else None
+        if guard is None:
+            check_finite(terms, self.global_step, batch)
+            return True
+        return guard.check(trainer, self, terms, batch)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Automatic optimisation: log the gradient norm, then clip (trainer.gradient_clip_val)."""
+        self.clip_and_log(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def clip_and_log(self, optimizer, clip_val=None, algorithm=None, name: str = "train/grad_norm") -> None:
+        """Log the total gradient norm before clipping as ``name``, then clip. Modules that optimise by
+        hand call it after each backward pass with their ``manual_clipping``."""
+        norm = total_norm_and_clip(self, optimizer, clip_val, algorithm)
+        if norm is not None:
+            self.log(name, norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

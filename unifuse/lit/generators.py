@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from unifuse.checkpoint import load_net, tokenizer_entry
-from unifuse.lit.base import UnifuseModule, check_finite
+from unifuse.lit.base import UnifuseModule
 from unifuse.models.image_gpt import TokenImageModel
 from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.vqvae import VQVAE
@@ -50,7 +50,6 @@ class GeneratorModule(UnifuseModule):
         self.tokenizer = None
         self._tokenizer_info: dict | None = None
         self._tokenizer_state: dict | None = None
-        self._weights = "raw"
 
     def check_tokenizer(self, tok) -> None:
         """Raise if the frozen tokenizer does not fit the net (e.g. codebook size, latent channels)."""
@@ -86,16 +85,10 @@ class GeneratorModule(UnifuseModule):
 
     def checkpoint_meta(self) -> dict:
         return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
-                "tokenizer": self._tokenizer_info, "weights": self._weights}
+                "tokenizer": self._tokenizer_info}
 
     def checkpoint_extras(self) -> dict:
         return {"unifuse_tokenizer": self._tokenizer_state} if self._tokenizer_state is not None else {}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning's weight-averaging callback (called before this hook) stores the averaged weights
-        # as the state_dict and the raw ones beside them
-        self._weights = "ema" if "averaging_state" in checkpoint else "raw"
-        super().on_save_checkpoint(checkpoint)
 
     def pipeline(self):
         """Prompts -> images with the current weights (None without a tokenizer)."""
@@ -161,8 +154,8 @@ class TokenGeneratorModule(GeneratorModule):
     def training_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(self._rows(batch))
         self.last_batch_tokens = int(out.pop("tokens"))
-        check_finite(out, self.global_step, batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["tokens"]))
+        if self.finite_losses(out, batch):  # skipped: the guard drops the gradients before the step
+            self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["tokens"]))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int):

@@ -39,6 +39,16 @@ class KLAutoencoderModule(ReconstructionModule):
     def after_train_step(self, mean: torch.Tensor) -> None:
         self._track_latents(mean)
 
+    def checkpoint_extras(self) -> dict:
+        # the window behind the statistics, so a resumed run goes on refreshing them as the interrupted one would
+        window = torch.stack(list(self._window)) if self._window else torch.zeros(0, 4, dtype=torch.float64)
+        return {**super().checkpoint_extras(), "kl_latent_window": window}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "kl_latent_window" in checkpoint:
+            self._window = deque(checkpoint["kl_latent_window"].unbind(0))
+
     @torch.no_grad()
     def _track_latents(self, mean: torch.Tensor) -> None:
         m = mean.double()

@@ -2,15 +2,13 @@
 autoencoder (encoded on the fly from image batches; the posterior is sampled, as the autoencoder
 was trained), text or class conditioned with caption dropout for guidance. The transport (DDPM or
 flow matching), target and loss weighting are the net's ``diffusion`` config; the loss math is
-:mod:`unifuse.diffusion`'s. EMA weights come from Lightning's ``EMAWeightAveraging`` callback
-(``callbacks.ema``): it swaps them in for validation and stores them as the checkpoint's weights,
-which the checkpoint then says (``weights: ema``)."""
+:mod:`unifuse.diffusion`'s. EMA weights come from ``callbacks.ema`` (:mod:`unifuse.ema`), as for
+every module."""
 
 from __future__ import annotations
 
 import torch
 
-from unifuse.lit.base import check_finite
 from unifuse.lit.generators import GeneratorModule
 from unifuse.models.dit import DiT
 from unifuse.models.kl_autoencoder import KLAutoencoder
@@ -71,8 +69,8 @@ class LatentDiffusionModule(GeneratorModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self._loss(batch, self.p_uncond)
-        check_finite({"diffusion": loss}, self.global_step, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        if self.finite_losses({"diffusion": loss}, batch):  # skipped: the guard drops the gradients
+            self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):

@@ -17,7 +17,6 @@ import random
 
 import torch
 
-from unifuse.lit.base import check_finite
 from unifuse.lit.ldm import LatentDiffusionModule
 from unifuse.models.transfusion import Transfusion
 from unifuse.pipeline import TransfusionPipeline
@@ -46,8 +45,8 @@ class TransfusionModule(LatentDiffusionModule):
     def training_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(batch, self._clean_latents(batch))
         self.last_batch_tokens = int(out.pop("tokens"))
-        check_finite(out, self.global_step, batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=self._batch_size(batch))
+        if self.finite_losses(out, batch):  # skipped: the guard drops the gradients before the step
+            self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=self._batch_size(batch))
         return out["loss"]
 
     def _caption_bytes(self) -> torch.Tensor:

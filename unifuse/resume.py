@@ -1,0 +1,129 @@
+"""Resuming a run exactly where it stopped.
+
+``ckpt_path`` of ``python -m unifuse.train`` takes
+
+* ``last``: the newest complete ``last*.ckpt`` of this run's directory (``hydra.run.dir``; with
+  ``UNIFUSE_RUN_ID`` set, ``<paths.log_dir>/runs/<UNIFUSE_RUN_ID>``, so a requeued job finds it);
+  an error if there is none,
+* ``auto``: the same, or a fresh start when there is none (what a requeued or restarted job runs),
+* a path: that checkpoint.
+
+Lightning restores the model, optimizers, LR schedulers, loops (global step, epoch, batch in the
+epoch) and callback states (``EMAWeightAveraging`` keeps its averaged weights and counters). The
+data stream position is the train loader's state (``unifuse.data.datamodule.StreamLoader``).
+:class:`RngState` adds the random generators of every rank (torch, CUDA, numpy, python).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from unifuse.sharded import is_complete, is_sharded
+
+log = logging.getLogger("unifuse")
+
+RESUME_SETTINGS = ("last", "auto")
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The ``last*.ckpt`` files under ``run_dir`` that are whole, newest first. ``torch.save`` writes a zip
+    whose directory is at the end of the file, so a file cut short by a crash does not read as a zip.
+    (Checkpoints are written to a temporary name and renamed into place, see ``unifuse.checkpoint_io``;
+    this also skips files that some other writer left half-written.)"""
+    found = [p for p in Path(run_dir).rglob("last*.ckpt") if p.is_file() or is_sharded(p)]
+    whole = [p for p in found if (zipfile.is_zipfile(p) if p.is_file() else is_complete(p))]  # dirs: trainer=fsdp
+    for p in sorted(set(found) - set(whole)):
+        log.warning("ignoring %s: not a complete checkpoint", p)
+    return sorted(whole, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_ckpt_path(setting: str | None, run_dir: str | Path) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from for ``ckpt_path=<setting>`` (None: a fresh start)."""
+    if setting in (None, "", "null", "None"):
+        return None
+    if setting not in RESUME_SETTINGS:
+        if "://" in setting:  # s3://, gs://, ...: Lightning reads it through fsspec
+            return setting
+        if not (Path(setting).expanduser().is_file() or is_sharded(Path(setting).expanduser())):
+            raise FileNotFoundError(f"ckpt_path={setting}: no such checkpoint file")
+        return str(Path(setting).expanduser())
+    found = complete_checkpoints(run_dir)
+    if found:
+        log.info("ckpt_path=%s: resuming from %s", setting, found[0])
+        return str(found[0])
+    if setting == "auto":
+        log.info("ckpt_path=auto: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    raise FileNotFoundError(
+        f"ckpt_path=last: no complete last.ckpt under the run directory {run_dir}. Name the run to resume with "
+        f"UNIFUSE_RUN_ID=<its id> or hydra.run.dir=<its directory>, give ckpt_path=<file>, or use ckpt_path=auto "
+        f"to start fresh when there is none")
+
+
+def _rng_state() -> dict:
+    """This process's generators, as tensors and plain values (a checkpoint loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x):
+    """``random.setstate`` wants the nested tuples that a checkpoint round trip may turn into lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class RngState(L.Callback):
+    """Saves the random generators of every rank in the checkpoint and restores them when training
+    resumes, so a resumed run draws the same noise, dropout and masks as the uninterrupted one.
+
+    Saved when the checkpoint is written (all ranks take part: Lightning builds the checkpoint on every
+    rank and rank 0 writes it); restored at ``on_train_start``, after the sanity check and the creation
+    of the train iterator, i.e. just before the first training step, where the interrupted run went on."""
+
+    def __init__(self):
+        self._loaded: list[dict] | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = [_rng_state()]
+        if trainer.world_size > 1:
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, _rng_state())
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get("rng_states")
+        if self._loaded is None:
+            log.warning("the checkpoint holds no random generator states: the resumed run draws other random "
+                        "numbers than the interrupted one would have")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        states, self._loaded = self._loaded, None
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            log.warning("the checkpoint holds the random generators of %d ranks, this run has %d: ranks "
+                        "beyond them keep their seeded generators", len(states), trainer.world_size)
+        if trainer.global_rank < len(states):
+            state = dict(states[trainer.global_rank])
+            state["python"] = _as_tuples(state["python"])
+            _set_rng_state(state)
