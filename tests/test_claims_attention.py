@@ -194,3 +194,26 @@ def test_dense_kv_cache_with_image_blocks_equals_full_forward():
     out = torch.cat([dense(x[:, a:b], doc_id=doc[:, a:b], image_id=img[:, a:b], cache=cache)
                      for a, b in zip(cuts, cuts[1:])], 1)
     torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,math", [(44, True), (300, False)])
+def test_cpu_bf16_attention_runs_the_math_kernel_below_the_threshold(n, math):
+    """CPU bf16 with few keys runs SDPA's math kernel (the flash kernel was 2-4x slower there), and
+    SDPA's own choice from the threshold on: the output equals that kernel's, bit for bit."""
+    from torch.nn import functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from unifuse.models.attention import CPU_BF16_MATH_BELOW
+
+    assert (n < CPU_BF16_MATH_BELOW) == math
+    doc, img = layout(2, n, seed=3)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    spec = MaskSpec(True, doc, img)
+    out = attend(q, k, v, spec, impl="dense")
+    mask = dense_mask(spec, n, n, q.device)
+    with sdpa_kernel(SDPBackend.MATH if math else SDPBackend.FLASH_ATTENTION):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION if math else SDPBackend.MATH):
+        other = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, other)  # the two kernels differ in bf16: the test can tell which ran

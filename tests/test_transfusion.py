@@ -127,6 +127,18 @@ def test_an_image_inside_a_document_matches_text_to_image_and_captions_decode_wi
         assert len(row) == 6 or greedy[len(row)] == m.vocab.eos
 
 
+def test_caption_likelihoods_do_not_depend_on_the_rows_scored_beside_them():
+    """Caption retrieval scores many (image, caption) rows in one pass: each row's log-likelihood must
+    equal the one it gets alone, whatever the other rows' images and caption lengths (padding)."""
+    m = tiny_model()
+    z = torch.randn(4, 4, 4, 4)
+    caps = ["a", "abcabcabc", "", "ab ab"]
+    together = m.caption_logprob(z, caps)
+    alone = torch.cat([m.caption_logprob(z[i:i + 1], [c]) for i, c in enumerate(caps)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    assert together.unique().numel() == 4
+
+
 def test_loss_masking_and_per_image_times():
     m = tiny_model()
     batch = random_batch(m, 3)

@@ -25,6 +25,7 @@ from unifuse.pipeline import TransfusionPipeline
 class TransfusionModule(LatentDiffusionModule):
     kind = "transfusion"
     pipeline_class = TransfusionPipeline
+    RETRIEVAL_ROWS = 256  # caption-retrieval forward passes score this many (image, caption) rows at once
 
     def __init__(self, net: Transfusion, *args, weight_decay: float = 0.1, retrieval_images: int = 64,
                  retrieval_candidates: int = 16, **kwargs):
@@ -89,11 +90,13 @@ class TransfusionModule(LatentDiffusionModule):
         if len(captions) < k:
             return
         rng = random.Random(0)
-        hits = 0
-        for z, cap in pool:
-            cands = [cap] + rng.sample([c for c in captions if c != cap], k - 1)
-            scores = self.net.caption_logprob(z[None].expand(k, *z.shape), cands)
-            hits += int(scores.argmax()) == 0
+        rows = [(z, [cap] + rng.sample([c for c in captions if c != cap], k - 1)) for z, cap in pool]
+        hits, group = 0, max(1, self.RETRIEVAL_ROWS // k)  # images scored together, k rows each
+        for i in range(0, len(rows), group):
+            chunk = rows[i : i + group]
+            z = torch.cat([z[None].expand(k, *z.shape) for z, _ in chunk])
+            scores = self.net.caption_logprob(z, [c for _, cands in chunk for c in cands]).view(len(chunk), k)
+            hits += int((scores.argmax(1) == 0).sum())
         self.log("val/caption_top1", hits / len(pool), sync_dist=True)
         self._pool = []
 

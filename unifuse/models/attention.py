@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# On CPU, SDPA's default (flash) kernel is slow in bf16 for short keys: forward+backward with a mask,
+# 3 heads of 64, it took 4.1x the math kernel's time at 44 keys and 2.0x at 128, and 0.73x at 256
+# (experiments/bench/attention.py prints the table). Below this many keys, CPU bf16 attention runs
+# SDPA's math kernel, which computes in fp32 on CPU; fp32 inputs and GPUs keep SDPA's own choice.
+CPU_BF16_MATH_BELOW = 256
 
 
 @dataclass
@@ -116,6 +123,14 @@ def _flex(q, k, v, spec: MaskSpec, q_offset: int):
         return _flex_kernel(q.is_cuda)(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the CPU bf16 kernel rule above."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[2] < CPU_BF16_MATH_BELOW:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, impl: str = "auto") -> torch.Tensor:
     """q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with the queries at the last Lq key positions."""
     lq, lk = q.shape[2], k.shape[2]
@@ -123,9 +138,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, im
     if impl == "auto":
         impl = "flex" if q.is_cuda else "dense"
     if spec.plain_causal and lq == lk and impl != "flex":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
     if spec.plain_causal and lq == 1:  # one new token sees the whole cache
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return sdpa(q, k, v, enable_gqa=gqa)
     if impl == "flex":
         return _flex(q, k, v, spec, lk - lq)
     if impl != "dense":
@@ -133,4 +148,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, im
     key = ("dense", lq, lk)
     if key not in spec.built:
         spec.built[key] = dense_mask(spec, lq, lk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.built[key], enable_gqa=gqa)
+    return sdpa(q, k, v, attn_mask=spec.built[key], enable_gqa=gqa)
