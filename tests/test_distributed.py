@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,19 @@ def run(args: list[str], cwd: Path, launcher: list[str] | None = None,
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
     cmd = (launcher or [sys.executable, "-m"]) + ["unifuse.train", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own process group: a timeout (or an interrupted test) kills every rank, not only rank 0
+    popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    except BaseException as e:
+        os.killpg(popen.pid, signal.SIGKILL)
+        out, err = popen.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s (every rank killed):\n{out[-3000:]}\n"
+                        f"{err[-5000:]}")
+        raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -180,3 +180,28 @@ def test_weights_must_be_usable(tmp_path: Path):
         make_stream([a, text_source(tmp_path, "neg", 8, -1.0)], 0, 1)
     with pytest.raises(ValueError, match="fewer than the 2 ranks"):
         make_stream([a, text_source(tmp_path, "tiny", 1, 1.0)], 0, 2)
+
+
+def test_packed_rows_plan_epochs_in_samples_not_rows(tmp_path: Path):
+    """A PackingCollator puts ~3 short documents in a row: the epoch plan counts samples per batch from
+    packing, so an epoch over 2 ranks x 2 workers is about one pass (no sample twice, few left for
+    the next epoch), not one pass per document in a row with the rest read again as ``refill``."""
+    from unifuse.data.collate import PackingCollator
+
+    src = [text_source(tmp_path, "p", 240, 1.0)]
+    collator = PackingCollator(batch_size=2, seq_len=48)  # "p sample 123": 14 positions, 3 per row
+    seen: Counter = Counter()
+    for rank in range(2):
+        stream = ShardStream(src, collator, DecodeConfig(), shuffle=True, shuffle_buffer=4, seed=7, rank=rank,
+                             world_size=2)
+        assert 6 <= stream.samples_per_batch <= 7  # 3 documents of 14 positions or 4 of 12 in a row of 48
+        batches = emulated_workers(stream, 2)
+        assert len(batches) == len(stream) == int(120 / stream.samples_per_batch)  # 120 samples per rank
+        assert sum(sum(b["data_stats"].values()) for b in batches) <= 2  # at most a refill per worker
+        for b in batches:
+            for row, docs in zip(b["tokens"], b["doc_id"]):
+                for d in docs.unique()[docs.unique() >= 0]:
+                    ids = [int(t) for t in row[docs == d] if t < collator.vocab.text_size]
+                    seen[collator.tokenizer.decode(ids)] += 1
+    assert max(seen.values()) == 1, "a sample was read twice in one epoch"
+    assert len(seen) >= 0.95 * 240

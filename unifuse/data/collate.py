@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -169,6 +170,21 @@ class PackingCollator:
         return toks, mods, images
 
     # ------------------------------------------------------------------ packing
+    def samples_per_batch(self, samples: Iterable[Sample]) -> float:
+        """How many samples a batch holds on average when ``samples`` are packed (``ShardStream``
+        plans its epochs in samples from this); from the rows begun when they fill no batch."""
+        c = self.fresh(key=("plan",))
+        full = []
+        for s in samples:
+            c.add(s)
+            while c.ready():
+                full.append(sum(len(r) for r in c._rows))
+                c.pop()
+        if full:
+            return sum(full) / len(full)
+        placed = sum(len(r) for r in c._rows)
+        return self.batch_size * placed / len(c._rows) if placed else float(self.batch_size)
+
     def add(self, s: Sample) -> str | None:
         cls = -1 if s.cls is None else s.cls
         if self.cond == "class" and s.segments is None and not 0 <= cls < self.vocab.num_classes:

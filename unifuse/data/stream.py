@@ -15,7 +15,10 @@ plan without talking to the others:
   comes equally often. A source asked for more than its per-rank share is *upsampled*: each rank
   re-reads its own slice, and the repeats are counted as ``upsampled`` / ``upsampled/<name>``.
   Samples lost to bad data are replaced by re-reads (counted as ``refill``), so batch counts stay
-  equal; a collator that refuses every sample is an error, not a hang.
+  equal; a collator that refuses every sample is an error, not a hang. A collator that packs
+  several samples into a row (``PackingCollator``) is asked how many samples a batch holds on
+  average (``samples_per_batch``, measured by packing the sources' first samples), and epochs are
+  planned in samples from that: an epoch is still one pass, not one pass per document in a row.
 * ``mode="resampled"``: shards are drawn at random with replacement per rank and worker (for
   corpora too large to care about exact epochs), from source s with probability
   weight_s / sum(weights); ``batches_per_epoch`` batches per rank.
@@ -28,6 +31,7 @@ counters since the previous batch, which ``DataStatsCallback`` sums across worke
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import tarfile
@@ -46,6 +50,7 @@ from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
 from unifuse.data.shards import expand_shards, shard_info
 
 log = logging.getLogger("unifuse.data")
+PLAN_SAMPLES = 1024  # samples a packing collator packs to measure how many a batch holds
 
 
 @dataclass
@@ -310,9 +315,10 @@ class ShardStream(IterableDataset):
         self.base_epoch = 0
         self._iterations = 0  # epochs this copy has run (persistent workers keep their copy)
         self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
+        self.samples_per_batch = self._samples_per_batch()
         self.num_batches = self._plan_batches(batches_per_epoch)
         # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
-        self.quotas = _quotas(self.num_batches * collator.batch_size, [s.weight for s in sources])
+        self.quotas = _quotas(round(self.num_batches * self.samples_per_batch), [s.weight for s in sources])
         self.plans = ([_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
                       if mode == "epoch" else [])  # resampled mode draws shards at random: no per-rank slices
 
@@ -320,17 +326,45 @@ class ShardStream(IterableDataset):
     def per_rank(self, source: Source) -> int:
         return source.total // self.world_size
 
+    def _samples_per_batch(self) -> float:
+        """Samples one batch takes: the collator's batch size, or, for a collator that packs samples
+        into rows (it has ``samples_per_batch``), its average over the sources' first samples."""
+        measure = getattr(self.collator, "samples_per_batch", None)
+        return float(self.collator.batch_size) if measure is None else measure(self._first_samples())
+
+    def _first_samples(self, n: int = PLAN_SAMPLES) -> Iterator:
+        """Up to ``n`` decoded samples from the start of the sources, mixed by weight (the same on
+        every rank and in a resumed run)."""
+        stats: Counter = Counter()
+
+        def source(src: Source) -> Iterator:
+            for shard in src.shards:
+                yield from self._decoded(_raw_samples(shard, 0, None, stats), stats)
+
+        live = [(source(s), s.weight) for s in self.sources if s.weight > 0]
+        rng = random.Random(self.seed)
+        for _ in range(n):
+            if not live:
+                return
+            i = rng.choices(range(len(live)), weights=[w for _, w in live])[0]
+            sample = next(live[i][0], None)
+            if sample is None:
+                live.pop(i)
+            else:
+                yield sample
+
     def _plan_batches(self, batches_per_epoch: int | None) -> int:
-        bs = self.collator.batch_size
+        per_batch = self.samples_per_batch
         if batches_per_epoch is not None:
             nb = int(batches_per_epoch)
         else:
-            n = sum(self.per_rank(s) for s in self.sources)
-            nb = n // bs if self.drop_last else -(-n // bs)
+            n = sum(self.per_rank(s) for s in self.sources) / per_batch
+            nb = int(n) if self.drop_last else math.ceil(n)
         if nb <= 0:
-            total = sum(s.total for s in self.sources)
+            total, bs = sum(s.total for s in self.sources), self.collator.batch_size
+            size = f"{bs}" if per_batch == bs else f"{bs} rows (~{per_batch:.1f} samples)"
             raise ValueError(
-                f"{total} samples cannot fill one batch of {bs} on each of {self.world_size} ranks; "
+                f"{total} samples cannot fill one batch of {size} on each of {self.world_size} ranks; "
                 "lower the batch size or add data"
             )
         return nb
@@ -368,9 +402,9 @@ class ShardStream(IterableDataset):
     def _epoch_samples(self, epoch: int, before: int, mine: int, rng: random.Random, stats: Counter) -> Iterator:
         """This worker's samples: its part of the rank's draws (for batches ``[before, before + mine)``),
         each source read from its own disjoint slice; then, if bad data left batches short, refills."""
-        bs, n = self.collator.batch_size, len(self.sources)
+        per_batch, n = self.samples_per_batch, len(self.sources)
         draws = self._draws(epoch)
-        start, stop = before * bs, (before + mine) * bs
+        start, stop = round(before * per_batch), round((before + mine) * per_batch)
         lo = np.bincount(draws[:start], minlength=n)
         count = np.bincount(draws[start:stop], minlength=n)
         streams = [self._epoch_source(plan, plan.pieces(epoch, self.rank, int(lo[i]), int(lo[i] + count[i])),
