@@ -49,6 +49,7 @@ bench: setup data  ## run the benchmarks under experiments/bench and print their
 	$(BIN)/python experiments/bench/loader.py
 	$(BIN)/python experiments/bench/vqvae.py
 	$(BIN)/python experiments/bench/transformer.py
+	$(BIN)/python experiments/bench/attention.py
 	$(BIN)/python experiments/bench/streams.py
 	$(BIN)/python experiments/bench/diffusion.py
 	$(BIN)/python experiments/bench/scale.py
