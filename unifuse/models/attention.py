@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # On CPU, SDPA's default (flash) kernel is slow in bf16 for short keys: forward+backward with a mask,
-# 3 heads of 64, it took 4.1x the math kernel's time at 44 keys and 2.0x at 128, and 0.73x at 256
+# 3 heads of 64, it took 3.5x the math kernel's time at 44 keys, 1.6x at 128 and 0.73x at 256
 # (experiments/bench/attention.py prints the table). Below this many keys, CPU bf16 attention runs
 # SDPA's math kernel, which computes in fp32 on CPU; fp32 inputs and GPUs keep SDPA's own choice.
 CPU_BF16_MATH_BELOW = 256
