@@ -94,8 +94,8 @@ class TransfusionModule(LatentDiffusionModule):
         hits, group = 0, max(1, self.RETRIEVAL_ROWS // k)  # images scored together, k rows each
         for i in range(0, len(rows), group):
             chunk = rows[i : i + group]
-            z = torch.cat([z[None].expand(k, *z.shape) for z, _ in chunk])
-            scores = self.net.caption_logprob(z, [c for _, cands in chunk for c in cands]).view(len(chunk), k)
+            latents = torch.cat([z[None].expand(k, *z.shape) for z, _ in chunk])
+            scores = self.net.caption_logprob(latents, [c for _, cands in chunk for c in cands]).view(len(chunk), k)
             hits += int((scores.argmax(1) == 0).sum())
         self.log("val/caption_top1", hits / len(pool), sync_dist=True)
         self._pool = []
