@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from unifuse.data.samples import Sample
+from unifuse.data.samples import Sample, image_batch
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer
 from unifuse.text.vocab import VocabLayout
 
@@ -60,7 +60,7 @@ class ImageCollator:
             shapes = {s.images[0].shape for s in items}
             if len(shapes) > 1:
                 raise ValueError(f"images of different sizes {shapes}: set data.image_size")
-            batch["image"] = torch.from_numpy(np.stack([s.images[0] for s in items])).permute(0, 3, 1, 2)
+            batch["image"] = image_batch([s.images[0] for s in items])
         if all(s.codes is not None for s in items):
             arr = np.stack([s.codes for s in items])
             if np.issubdtype(arr.dtype, np.floating):  # KL latents (mean and std on channels)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from unifuse.checkpoint import load_net
-from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
+from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample, image_batch
 from unifuse.data.shards import ShardWriter, Staging, expand_shards, shard_counts
 from unifuse.data.stream import _raw_samples
 
@@ -64,7 +64,7 @@ def _encode_splits(net, dtype, tokenizer: Path, src: Path, splits: list[tuple[st
             pending: list = []
 
             def flush():
-                x = torch.from_numpy(np.stack([s.images[0] for s in pending])).permute(0, 3, 1, 2)
+                x = image_batch([s.images[0] for s in pending])
                 x = x.float().div(127.5).sub(1).to(device)
                 if dtype == np.float16:  # KL autoencoder: posterior mean and std, stacked on channels
                     with torch.no_grad():

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -124,6 +125,15 @@ def decode_image(data: bytes, cfg: DecodeConfig, stats: Counter) -> np.ndarray:
     if cfg.image_size:
         im = resize_square(im, cfg.image_size)
     return np.asarray(im, dtype=np.uint8)
+
+
+def image_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """Decoded images (H, W, C uint8 arrays of one size) -> one contiguous (N, C, H, W) uint8 tensor.
+
+    Contiguous, not a permuted view: a view keeps the channels-last memory layout, convolutions
+    carry it through the network, and on CPU the bf16 convolutions of the emoji autoencoder train
+    1.5x slower in it (about 375 against 250 ms a step)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def decode_sample(raw: dict, cfg: DecodeConfig, stats: Counter) -> Sample:

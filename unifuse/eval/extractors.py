@@ -18,7 +18,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_fidelity
 from torch import nn
@@ -164,7 +163,7 @@ def label_of(sample) -> str | None:
 def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_size: int = 128,
                            lr: float = 2e-3, seed: int = 0, max_samples: int | None = 10_000) -> dict:
     """Train the domain classifier on labelled training shards and save it (weights only)."""
-    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.samples import DecodeConfig, image_batch
     from unifuse.data.stream import iter_decoded
     from unifuse.progress import progress
 
@@ -183,7 +182,7 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_
     if len(set(labels)) < 2:
         raise ValueError(f"need at least two classes to train the domain extractor, found {set(labels)}")
     classes = sorted(set(labels))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    x = image_batch(images)
     y = torch.tensor([classes.index(v) for v in labels])
     arch = {"width": 16, "feature_dim": 128}
     net = DomainNet(len(classes), **arch)

@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
@@ -47,7 +46,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def reference_set(shards: str, n: int, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """First n decodable images of a split (shard order: deterministic) and their captions."""
-    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.samples import DecodeConfig, image_batch
     from unifuse.data.stream import iter_decoded
 
     images, captions = [], []
@@ -58,7 +57,7 @@ def reference_set(shards: str, n: int, size: int | None = None) -> tuple[torch.T
             break
     if not images:
         raise ValueError(f"no reference images in {shards}")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+    return image_batch(images), captions
 
 
 def extractor_setup(cfg: EvalConfig) -> tuple[str, str, str]:
