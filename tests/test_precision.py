@@ -34,3 +34,4 @@ def test_presets_resolve_it(tmp_path):
     cfg = compose_cfg(["experiment=transfusion_emoji", "model.tokenizer_ckpt=identity"], tmp_path)
     assert cfg.trainer.precision == native_bf16_precision()
     assert cfg.data.collator.image_tokens == (cfg.model.net.image.latent_size // cfg.model.net.image.patch_size) ** 2
+    assert compose_cfg(["experiment=kl_emoji"], tmp_path).trainer.precision == native_bf16_precision()
