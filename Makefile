@@ -39,7 +39,7 @@ train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train
 train-kl: setup data  ## KL autoencoder on emoji (the latent space of train-ldm; about 6 min on CPU)
 	$(BIN)/python -m unifuse.train experiment=kl_emoji $(ARGS)
 
-train-ldm: setup data  ## text-to-image latent diffusion on the newest train-kl autoencoder (about 28 min)
+train-ldm: setup data  ## text-to-image latent diffusion on the newest train-kl autoencoder (about 14 min)
 	$(BIN)/python -m unifuse.train experiment=ldm_emoji $(ARGS)
 
 test: setup  ## run the test suite

@@ -34,4 +34,5 @@ def test_presets_resolve_it(tmp_path):
     cfg = compose_cfg(["experiment=transfusion_emoji", "model.tokenizer_ckpt=identity"], tmp_path)
     assert cfg.trainer.precision == native_bf16_precision()
     assert cfg.data.collator.image_tokens == (cfg.model.net.image.latent_size // cfg.model.net.image.patch_size) ** 2
-    assert compose_cfg(["experiment=kl_emoji"], tmp_path).trainer.precision == native_bf16_precision()
+    for preset in ("kl_emoji", "ldm_emoji"):
+        assert compose_cfg([f"experiment={preset}"], tmp_path).trainer.precision == native_bf16_precision()
