@@ -47,7 +47,7 @@ test: setup  ## run the test suite
 
 bench: setup data  ## run the benchmarks under experiments/bench and print their figures
 	$(BIN)/python experiments/bench/loader.py
-	$(BIN)/python experiments/bench/vqvae.py
+	$(BIN)/python experiments/bench/autoencoders.py
 	$(BIN)/python experiments/bench/transformer.py
 	$(BIN)/python experiments/bench/attention.py
 	$(BIN)/python experiments/bench/streams.py
