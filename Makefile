@@ -36,7 +36,7 @@ train-ar: setup data  ## AR image GPT on emoji codes from the newest `make train
 train-maskgit: setup data  ## MaskGIT on emoji codes from the newest `make train-vqvae` tokenizer
 	$(BIN)/python -m unifuse.train experiment=maskgit_emoji $(ARGS)
 
-train-kl: setup data  ## KL autoencoder on emoji (the latent space of train-ldm; about 6 min on CPU)
+train-kl: setup data  ## KL autoencoder on emoji (the latent space of train-ldm; 3-6 min on CPU)
 	$(BIN)/python -m unifuse.train experiment=kl_emoji $(ARGS)
 
 train-ldm: setup data  ## text-to-image latent diffusion on the newest train-kl autoencoder (about 14 min)
