@@ -70,10 +70,14 @@ def test_evaluate_sweep_writes_one_json_per_job_and_a_table(online, tmp_path):
     assert scales == [1.0, 1.5, 3.0]
     table = list((tmp_path / "outputs" / "eval_sweeps").rglob("summary.md"))
     assert len(table) == 1
-    text = table[0].read_text()
-    for s in ("cfg1.0lin", "cfg1.5lin", "cfg3.0lin"):  # one metric column per protocol, one row per job
-        assert "eval/fid@" in text and s in text
-    assert len(text.strip().splitlines()) == 2 + 3
+    lines = table[0].read_text().strip().splitlines()
+    assert len(lines) == 2 + 3  # header, rule, one row per job
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:4] == ["job", "overrides", "protocol", "fid"]
+    for line, result, scale in zip(lines[2:], jsons, ("cfg1.0lin", "cfg1.5lin", "cfg3.0lin"), strict=True):
+        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        assert scale in row["protocol"] and "domain-" in row["protocol"]  # each row names its protocol
+        assert float(row["fid"]) == pytest.approx(json.loads(result.read_text())["metrics"]["fid"], abs=1e-4)
     assert (table[0].parent / "summary.csv").is_file()
 
 

@@ -92,14 +92,19 @@ def _record_sweep_job(result: dict) -> None:
 
 
 def summary_table(sweep_dir: str | Path) -> list[dict]:
-    """One row per sweep job: its overrides and metrics (by protocol-carrying metric name)."""
+    """One row per sweep job: its overrides, the protocol its metrics were measured under (what
+    follows ``@`` in their names: extractor, n, weights, sampler, guidance ...) and the metrics.
+    A row's numbers compare with another's only where the protocols match."""
     rows = []
     jobs = sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
                   else 1 << 30)
     for path in jobs:
         r = json.loads(path.read_text())
-        row = {"job": path.parent.name, "overrides": " ".join(r.get("overrides", []))}
-        row.update({r["metric_names"].get(k, k): round(v, 4) for k, v in r["metrics"].items()})
+        names = [r["metric_names"].get(k, k) for k in r["metrics"]]
+        protocols = dict.fromkeys(n.split("@", 1)[1] for n in names if "@" in n)
+        row = {"job": path.parent.name, "overrides": " ".join(r.get("overrides", [])),
+               "protocol": " ".join(protocols)}
+        row.update({k: round(v, 4) for k, v in r["metrics"].items()})
         row["json"] = r["json"]
         rows.append(row)
     return rows
