@@ -6,7 +6,11 @@
 * FlexAttention equals the dense path at lengths above one 128-position block, with and without
   a query offset, and its block mask skips whole blocks without dropping an allowed pair;
 * the backbone with ``attn_impl="flex"`` and a KV cache (prefill, one-token and multi-token steps)
-  equals a full dense forward, with padding, several documents and image blocks.
+  equals a full dense forward, with padding, several documents and image blocks;
+* the kernel routing (a pure function of device type, lengths, mask and impl): GPUs run flex for
+  training-size calls and dense SDPA for KV-cached steps below one query block, CPU runs dense, plain
+  causal runs SDPA's causal kernel; ``attend`` runs the kernel chosen; and the compiled flex kernel
+  stops recompiling after a few new lengths, each call equal to the dense path.
 """
 
 from __future__ import annotations
@@ -217,3 +221,98 @@ def test_cpu_bf16_attention_runs_the_math_kernel_below_the_threshold(n, math):
         other = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out, ref)
     assert not torch.equal(out, other)  # the two kernels differ in bf16: the test can tell which ran
+
+
+# ----------------------------------------------------------------------------- kernel routing
+_IDS = (torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1))  # any ids: not plain causal
+
+
+@pytest.mark.parametrize("device,lq,lk,spec,impl,kernel", [
+    ("cuda", 300, 300, MaskSpec(True, *_IDS), "auto", "flex"),  # packed training rows with images
+    ("cuda", 256, 256, MaskSpec(False, _IDS[0]), "auto", "flex"),  # MaskGIT / DiT: bidirectional in documents
+    ("cuda", 1, 301, MaskSpec(False, *_IDS), "auto", "dense"),  # one cached step, non-causal mask
+    ("cuda", 1, 301, MaskSpec(True, *_IDS), "auto", "dense"),  # captioning / left-padded prompts
+    ("cuda", 16, 1000, MaskSpec(True, *_IDS), "auto", "dense"),  # an image block against a long cache
+    ("cuda", "min-1", 1000, MaskSpec(True, *_IDS), "auto", "dense"),
+    ("cuda", "min", 1000, MaskSpec(True, *_IDS), "auto", "flex"),  # one query block and more: flex
+    ("cuda", 5, 100, MaskSpec(True), "auto", "dense"),  # several new positions after a plain causal cache
+    ("cuda", 300, 300, MaskSpec(True), "auto", "sdpa_causal"),
+    ("cuda", 1, 300, MaskSpec(True), "auto", "sdpa_unmasked"),
+    ("cpu", 300, 300, MaskSpec(True, *_IDS), "auto", "dense"),
+    ("cpu", 1, 301, MaskSpec(False, *_IDS), "auto", "dense"),
+    ("cpu", 300, 300, MaskSpec(True), "auto", "sdpa_causal"),
+    ("cpu", 300, 300, MaskSpec(True, *_IDS), "flex", "flex"),  # asked for: CPU inference runs eager flex
+    ("cpu", 300, 300, MaskSpec(True), "flex", "flex"),
+    ("cuda", 300, 300, MaskSpec(True, *_IDS), "dense", "dense"),
+    ("cuda", 1, 300, MaskSpec(True), "flex", "sdpa_unmasked"),
+])
+def test_kernel_routing(device, lq, lk, spec, impl, kernel):
+    from unifuse.models.attention import FLEX_MIN_CACHED_QUERIES, choose_kernel
+
+    lq = {"min": FLEX_MIN_CACHED_QUERIES, "min-1": FLEX_MIN_CACHED_QUERIES - 1}.get(lq, lq)
+    assert choose_kernel(device, lq, lk, spec, impl) == kernel
+
+
+def test_kernel_routing_refuses_an_unknown_impl():
+    from unifuse.models.attention import choose_kernel
+
+    with pytest.raises(ValueError, match="auto, dense or flex, not 'flash'"):
+        choose_kernel("cpu", 4, 4, MaskSpec(True), "flash")  # even where no mask is needed
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_causal", "sdpa_unmasked", "dense", "flex"])
+def test_attend_runs_the_kernel_chosen(kernel, monkeypatch):
+    import unifuse.models.attention as attention
+
+    ran = []
+    monkeypatch.setattr(attention, "choose_kernel", lambda *a: kernel)
+    monkeypatch.setattr(attention, "_flex", lambda *a: ran.append("flex") or a[0])
+
+    def sdpa(q, k, v, is_causal=False, attn_mask=None, enable_gqa=False):
+        ran.append("dense" if attn_mask is not None else "sdpa_causal" if is_causal else "sdpa_unmasked")
+        return q
+
+    monkeypatch.setattr(attention, "sdpa", sdpa)
+    q, k, v = _qkv(1, 2, 2, 3, 9, 8, seed=0)
+    attention.attend(q, k, v, MaskSpec(True, *layout(1, 9, seed=0)))
+    assert ran == [kernel]
+
+
+@torch.no_grad()
+def test_compiled_flex_serves_new_lengths_without_compiling_again(monkeypatch):
+    """The calls GPUs run through flex with new lengths (prefill of prompts of other lengths, image
+    blocks of one query block and more against a growing cache) stop compiling after a few lengths:
+    with static shapes every new length compiled (then dynamo's recompile limit fell back to the
+    unfused eager flex). Each call also equals the dense path. The kernel is compiled with a
+    counting backend that runs the traced graph eagerly, and a recompile limit too high to hide
+    a compile per length."""
+    from torch._dynamo.testing import CompileCounter
+
+    import unifuse.models.attention as attention
+    from unifuse.models.attention import FLEX_MIN_CACHED_QUERIES, choose_kernel, compile_flex
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    counter = CompileCounter()
+    kernel = compile_flex(counter)
+    monkeypatch.setattr(attention, "_flex_kernel", lambda cuda: kernel)
+    doc, img = layout(2, 420, seed=6)
+    m = FLEX_MIN_CACHED_QUERIES
+    # dynamo specialises sizes of 0 and 1 (a query offset of 0, a single query block): the first
+    # calls meet each such case once; the later ones are new lengths only
+    first = [(140, 140), (160, 160)] + [(m, lk) for lk in (200, 231, 262)] + [(m + 22, 300)]
+    later = [(180, 180), (199, 199), (m, 345), (m, 410), (m + 40, 380), (m + 5, 290)]
+    try:
+        for i, (lq, lk) in enumerate(first + later):
+            if i == len(first):
+                warm = counter.frame_count
+            spec = MaskSpec(True, doc[:, :lk], img[:, :lk])
+            assert choose_kernel("cuda", lq, lk, spec) == "flex"
+            q, k, v = _qkv(2, 4, 2, lq, lk, 16, seed=lk)
+            torch.testing.assert_close(attend(q, k, v, spec, "flex"), attend(q, k, v, spec, "dense"),
+                                       atol=2e-5, rtol=1e-4, msg=f"lq={lq} lk={lk}")
+        assert warm < len(first) and counter.frame_count == warm, (
+            f"{warm} compilations for the first {len(first)} lengths, {counter.frame_count - warm} for "
+            f"{len(later)} more")
+    finally:
+        torch._dynamo.reset()

@@ -9,13 +9,29 @@ A :class:`MaskSpec` describes the mask by per-position ids instead of a dense ma
 * ``causal``: key index <= query index (plus the image-block exception); ``False`` gives
   bidirectional attention within each document (MaskGIT).
 
-The same mask function is executed three ways (and they give the same numbers):
+The same mask function is executed by four kernels (and they give the same numbers);
+:func:`choose_kernel` picks one from the device type, the query and key lengths, the spec and the
+requested ``impl`` alone:
 
-* ``sdpa`` causal fast path: no ids, no cache offset -> ``is_causal=True``;
-* ``dense``: a boolean (B, 1, Lq, Lk) mask built from the mask function, through SDPA. Used for
-  CPU training (FlexAttention has no CPU backward) and small decoding steps;
+* ``sdpa_causal``: no ids, no cache offset -> SDPA with ``is_causal=True`` (flash on GPUs);
+* ``sdpa_unmasked``: one new position after a plain causal cache sees every key: SDPA, no mask;
+* ``dense``: a boolean (B, 1, Lq, Lk) mask built from the mask function, through SDPA. Every CPU
+  call (FlexAttention has no CPU backward), and on GPUs the KV-cached steps with fewer than
+  :data:`FLEX_MIN_CACHED_QUERIES` new positions (decoding, captioning, caption scoring);
 * ``flex``: a FlexAttention ``BlockMask`` from the same mask function, skipping fully masked
-  blocks. The default on CUDA; on CPU it runs for inference.
+  blocks, through the compiled kernel. On GPUs for full sequences with ids (training, prefill) and
+  for cached steps of at least one query block; ``impl="flex"`` asks for it anywhere (on CPU it runs
+  the eager reference, inference only).
+
+Why cached steps leave flex on GPUs: ``torch.compile`` specialises the flex kernel on the shapes
+it sees, and a KV-cached step has a new key length (and query offset) every time. Compiled with
+static shapes, each step recompiled until dynamo's recompile limit
+(``torch._dynamo.config.recompile_limit``, 8), after which torch runs flex_attention's unfused eager
+path, which materialises every score. A step of fewer queries than one 128-row query block has a
+single row of blocks, so the BlockMask can skip only key blocks that none of its queries sees, and
+its dense mask is small (Lq x Lk booleans per row): SDPA with that mask serves it. Where flex still meets new lengths (prompts of other
+lengths, image blocks of 128+ positions against a growing cache), the kernel is compiled with
+automatic dynamic shapes: see :func:`compile_flex`.
 """
 
 from __future__ import annotations
@@ -31,6 +47,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # (experiments/bench/attention.py prints the table). Below this many keys, CPU bf16 attention runs
 # SDPA's math kernel, which computes in fp32 on CPU; fp32 inputs and GPUs keep SDPA's own choice.
 CPU_BF16_MATH_BELOW = 256
+
+# On GPUs, a KV-cached call (queries after cached keys) with fewer new positions than this runs
+# dense SDPA instead of FlexAttention: one query block of create_block_mask's default BLOCK_SIZE.
+FLEX_MIN_CACHED_QUERIES = 128
+
+IMPLS = ("auto", "dense", "flex")
 
 
 @dataclass
@@ -82,6 +104,18 @@ def dense_mask(spec: MaskSpec, lq: int, lk: int, device) -> torch.Tensor:
     return m[:, None]
 
 
+def compile_flex(backend="inductor"):
+    """flex_attention under ``torch.compile`` with automatic dynamic shapes (``dynamic=None``, not
+    ``False``): the first shapes get a specialised kernel (training keeps one packed length); a
+    size that changes for the first time (key length, number of key blocks, ...) recompiles once
+    with that size symbolic, and sizes and integers of 0 or 1 stay specialised (a query offset of
+    0, a single query block). After those few recompiles one kernel serves every later length;
+    static shapes recompiled at each new length."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=None, backend=backend)
+
+
 _COMPILED_FLEX = None
 
 
@@ -93,7 +127,7 @@ def _flex_kernel(cuda: bool):
     if not cuda:
         return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = compile_flex()
     return _COMPILED_FLEX
 
 
@@ -131,20 +165,36 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def choose_kernel(device_type: str, lq: int, lk: int, spec: MaskSpec, impl: str = "auto") -> str:
+    """The kernel :func:`attend` runs for ``lq`` queries that are the last of ``lk`` keys:
+    ``sdpa_causal``, ``sdpa_unmasked``, ``dense`` or ``flex`` (see the module docstring).
+    ``impl``: ``auto``, or ``dense`` / ``flex`` to force that path where a mask is needed."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be auto, dense or flex, not {impl!r}")
+    if spec.plain_causal and lq == 1:  # one new position sees the whole cache
+        return "sdpa_unmasked"
+    if spec.plain_causal and lq == lk and impl != "flex":
+        return "sdpa_causal"
+    if impl != "auto":
+        return impl
+    if device_type != "cuda":
+        return "dense"
+    if lq < lk and lq < FLEX_MIN_CACHED_QUERIES:  # a KV-cached step: its key length changes every call
+        return "dense"
+    return "flex"
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, impl: str = "auto") -> torch.Tensor:
     """q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with the queries at the last Lq key positions."""
     lq, lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if impl == "auto":
-        impl = "flex" if q.is_cuda else "dense"
-    if spec.plain_causal and lq == lk and impl != "flex":
+    kernel = choose_kernel(q.device.type, lq, lk, spec, impl)
+    if kernel == "sdpa_causal":
         return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
-    if spec.plain_causal and lq == 1:  # one new token sees the whole cache
+    if kernel == "sdpa_unmasked":
         return sdpa(q, k, v, enable_gqa=gqa)
-    if impl == "flex":
+    if kernel == "flex":
         return _flex(q, k, v, spec, lk - lq)
-    if impl != "dense":
-        raise ValueError(f"attention impl must be auto, dense or flex, not {impl!r}")
     key = ("dense", lq, lk)
     if key not in spec.built:
         spec.built[key] = dense_mask(spec, lq, lk, q.device)

@@ -35,7 +35,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0  # on each residual branch's output while training (small-data regularizer)
     grad_checkpointing: bool = False
-    attn_impl: str = "auto"  # auto (flex on CUDA, dense SDPA on CPU) | dense | flex
+    attn_impl: str = "auto"  # auto (unifuse.models.attention.choose_kernel) | dense | flex
     lm_head: bool = True  # false: an encoder giving hidden states only (e.g. the DiT's caption encoder)
     cond_dim: int = 0  # > 0: blocks modulate the positions given a conditioning vector (PositionCond)
 
