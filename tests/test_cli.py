@@ -100,3 +100,47 @@ def test_sample_sweep_over_guidance(online, tmp_path):
                                   "cfg_scale=null,2", f"out={tmp_path}/g/" + "${cfg_scale}.png"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == ["2.0.png", "None.png"]
+
+
+@pytest.fixture(scope="module")
+def transfusion_ckpt(tiny_emoji, tiny_kl, tmp_path_factory) -> str:
+    """A tiny Transfusion checkpoint (reads images, writes captions)."""
+    from tests.test_transfusion import transfusion_overrides
+
+    out = tmp_path_factory.mktemp("transfusion")
+    over = transfusion_overrides(tiny_emoji, tiny_kl) + [
+        "trainer=debug_limit", "trainer.max_epochs=1", "logger=none", "callbacks.fidelity.enabled=false"]
+    return train(compose_cfg(over, out))["checkpoint"]
+
+
+def test_caption_of_a_file_that_is_not_an_image_names_it_in_one_line(transfusion_ckpt, tmp_path):
+    from PIL import Image
+
+    from unifuse.sample import main
+
+    good, text = tmp_path / "good.png", tmp_path / "notes.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(good)
+    text.write_text("not an image\n")
+    proc = cli("unifuse.sample", [f"ckpt={transfusion_ckpt}", "mode=caption", f"image={good}|{text}"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: image={text}: not a readable image (cannot identify image file '{text}')")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[:60])  # a PNG header, then nothing
+    with pytest.raises(ValueError, match=f"^image={truncated}: not a readable image"):
+        main([f"ckpt={transfusion_ckpt}", "mode=caption", f"image={truncated}"])
+    with pytest.raises(FileNotFoundError, match=f"^image={tmp_path}/missing.png: no such file$"):
+        main([f"ckpt={transfusion_ckpt}", "mode=caption", f"image={good}|{tmp_path}/missing.png"])
+    out = main([f"ckpt={transfusion_ckpt}", "mode=caption", f"image={good}", "max_new_tokens=2",
+                f"out={tmp_path}/cap.png"])
+    assert out.is_file()  # a readable image is still captioned
+
+
+def test_train_refuses_a_callback_without_target_in_one_line(tmp_path):
+    """callbacks=fsdp has no EMA, the transfusion preset sets callbacks.ema fields: the run stops
+    before anything is built with one line naming the entry (it crashed in Lightning's
+    on_exception with the entry as a plain dict)."""
+    proc = cli("unifuse.train", ["experiment=transfusion_emoji", "trainer=fsdp", "callbacks=fsdp"], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: callbacks.ema has no _target_") and "callbacks.ema=null" in last

@@ -163,3 +163,29 @@ def test_code_shards_are_kept_per_tokenizer(tmp_path: Path):
     assert build_dir(b) != first
     os.utime(a, ns=(1, 1))
     assert build_dir(a) != first
+
+
+def test_callback_or_logger_entry_without_target_is_refused_before_anything_is_built():
+    """The transfusion preset sets callbacks.ema fields that callbacks=fsdp (no EMA) does not define:
+    what is left has no _target_ and reached Lightning as a plain dict (then 'Missing key
+    on_exception'). Training refuses it first, naming the entry and the group option."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from unifuse.config import ConfigError, require_targets
+    from unifuse.train import train
+
+    cfg = _compose(["experiment=transfusion_emoji", "trainer=fsdp", "callbacks=fsdp"])
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ConfigError, match=r"^callbacks\.ema has no _target_ \(it sets only decay, "
+                                          r"update_starting_at_step\): .* callbacks=fsdp does not define; "
+                                          r"pass callbacks\.ema=null"):
+        train(cfg)  # before the data (whose autoencoder checkpoint does not exist here) is built
+    require_targets(_compose(["experiment=transfusion_emoji", "trainer=fsdp", "callbacks=fsdp",
+                              "callbacks.ema=null"]), "callbacks", "logger")  # the fix it names
+    with pytest.raises(ConfigError, match=r"^logger\.csv has no _target_ \(it sets only save_dir\)"):
+        require_targets(_compose(["logger=none", "+logger.csv.save_dir=x"]), "callbacks", "logger")
+    with pytest.raises(ConfigError, match=r"^callbacks\.every has no _target_ \(it is 5, not a config\)"):
+        require_targets(_compose(["+callbacks.every=5"]), "callbacks")
+    for group in ("callbacks", "logger"):  # every shipped option has its targets
+        for option in options(group):
+            require_targets(_compose([f"{group}={option}"]), group)

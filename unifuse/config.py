@@ -239,6 +239,38 @@ def given(cfg: DictConfig, schema: type) -> dict:
     return {f.name: values[f.name] for f in fields(schema) if not OmegaConf.is_missing(cfg, f.name)}
 
 
+class ConfigError(ValueError):
+    """A composed config that cannot run; the training CLI prints its message as one line."""
+
+
+def require_targets(cfg: DictConfig, *groups: str) -> None:
+    """Every non-null entry of the ``groups`` (name -> config, e.g. ``callbacks``, ``logger``) names
+    a ``_target_``. An entry without one would be instantiated as a plain dict and reach Lightning
+    as a callback or logger that fails later, often in its exception handling, hiding the cause.
+    The usual case: a preset sets fields of an entry (``callbacks.ema.decay``) that the chosen
+    group option (``callbacks=fsdp``, which has no EMA) does not define, so the fields alone remain."""
+    for group in groups:
+        for name, node in (cfg.get(group) or {}).items():
+            if node is None or (isinstance(node, DictConfig) and "_target_" in node):
+                continue
+            where = f"{group}={_choice(group)}" if _choice(group) else f"the {group} config"
+            what = (f"sets only {', '.join(map(str, node))}" if isinstance(node, DictConfig)
+                    else f"is {node!r}, not a config")
+            raise ConfigError(
+                f"{group}.{name} has no _target_ (it {what}): a preset or override gives fields to an entry "
+                f"that {where} does not define; pass {group}.{name}=null to go without it, or choose "
+                f"a {group} option that defines it")
+
+
+def _choice(group: str) -> str | None:
+    """The option chosen for a config group in the running Hydra app, if there is one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
 def compose_app(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``conf/<name>.yaml`` with ``overrides`` in-process, as the CLI would (tests, notebooks)."""
     from hydra import compose, initialize_config_dir

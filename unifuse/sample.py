@@ -62,10 +62,25 @@ def _needs(pipe, method: str, mode: str, kind: str) -> None:
                          f"this checkpoint is a {kind}")
 
 
-def caption_images(cfg: DictConfig, pipe, ck) -> Path:
+def read_image(path: str, size: int):
+    """The image file at ``path`` as a (3, size, size) RGB tensor in [-1, 1]. A missing file, or one
+    that is not an image PIL can decode (another format, truncated), is an error naming it."""
     import numpy as np
     import torch
     from PIL import Image
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"image={path}: no such file")
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+        raise ValueError(f"image={path}: not a readable image ({e})") from e
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def caption_images(cfg: DictConfig, pipe, ck) -> Path:
+    import torch
 
     from unifuse.viz import save_captioned_grid
 
@@ -73,11 +88,7 @@ def caption_images(cfg: DictConfig, pipe, ck) -> Path:
     if not cfg.image:
         raise ValueError('mode=caption needs image="a.png|b.png"')
     size = pipe.tokenizer.downsample_factor * pipe.net.latent_shape()[1]
-    images = []
-    for path in str(cfg.image).split("|"):
-        img = Image.open(path.strip()).convert("RGB").resize((size, size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-    x = torch.stack(images)
+    x = torch.stack([read_image(path.strip(), size) for path in str(cfg.image).split("|")])
     with torch.inference_mode():
         captions = pipe.caption(x, max_new_tokens=cfg.max_new_tokens)
     for path, c in zip(str(cfg.image).split("|"), captions, strict=True):

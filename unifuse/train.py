@@ -23,6 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from unifuse import config as _config  # noqa: F401  (registers schemas and resolvers)
+from unifuse.config import ConfigError, require_targets
 
 log = logging.getLogger("unifuse")
 # 1x1 conv weight grads come back with arbitrary strides on their size-1 dims; DDP warns though
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict:
 
     from unifuse.resume import complete_checkpoints, resolve_ckpt_path
 
+    require_targets(cfg, "callbacks", "logger")  # before anything is built
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)  # last | auto | <file>
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -175,6 +177,8 @@ def main(cfg: DictConfig) -> float | None:
         failed = False
         metric = cfg.get("optimized_metric")
         return result["metrics"].get(metric) if metric else None
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     finally:
         _finish_wandb(failed)  # always, or multirun jobs merge into one W&B run
 

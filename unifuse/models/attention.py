@@ -29,9 +29,9 @@ static shapes, each step recompiled until dynamo's recompile limit
 (``torch._dynamo.config.recompile_limit``, 8), after which torch runs flex_attention's unfused eager
 path, which materialises every score. A step of fewer queries than one 128-row query block has a
 single row of blocks, so the BlockMask can skip only key blocks that none of its queries sees, and
-its dense mask is small (Lq x Lk booleans per row): SDPA with that mask serves it. Where flex still meets new lengths (prompts of other
-lengths, image blocks of 128+ positions against a growing cache), the kernel is compiled with
-automatic dynamic shapes: see :func:`compile_flex`.
+its dense mask is small (Lq x Lk booleans per row): SDPA with that mask serves it. Where flex
+still meets new lengths (prompts of other lengths, image blocks of 128+ positions against a
+growing cache), the kernel is compiled with automatic dynamic shapes: see :func:`compile_flex`.
 """
 
 from __future__ import annotations
