@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from unifuse.perf import compute_dtype, peak_flops
 from unifuse.viz import save_captioned_grid
 
 log = logging.getLogger("unifuse")
@@ -107,35 +109,15 @@ class DataStatsCallback(L.Callback):
             self.counts = Counter()
 
 
-# dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12),
-              ("RTX 3090", 71e12), ("V100", 125e12)]
-
-
-def device_peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from): the table for known GPUs; on CPU a GEMM measured now."""
-    import time
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_FLOPS:
-            if key in name:
-                return peak, f"table:{key}"
-        return float("nan"), f"unknown GPU {name}"
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 2 * 1024**3 * 10 / (time.perf_counter() - t), "measured fp32 GEMM"
-
-
-class ThroughputMonitor(L.Callback):
-    """Samples/s, tokens/s, step time, MFU and peak memory (logged from rank 0, for all ranks).
+class StepThroughput(L.Callback):
+    """Samples/s, tokens/s, step time, MFU and peak memory (logged from rank 0, for all ranks);
+    the ``callbacks.throughput`` entry.
 
     MFU = model FLOPs per sample (``pl_module.flops_per_batch(batch)`` on the first batch) x
-    samples/s / (peak FLOP/s x world size). Peak: PEAK_FLOPS for GPUs, a measured GEMM on CPU."""
+    samples/s / the peak FLOP/s of one device in the dtype the step computes in (from
+    ``trainer.precision``: bf16-mixed -> bfloat16, 16-mixed -> float16, 32-true -> float32, TF32 on
+    GPUs when the float32 matmul precision allows it): Lightning's table for GPUs, a GEMM measured
+    in that dtype on CPUs (:func:`unifuse.perf.peak_flops`)."""
 
     def __init__(self, log_every_n_steps: int = 50):
         self.every = log_every_n_steps
@@ -144,7 +126,9 @@ class ThroughputMonitor(L.Callback):
         self.peak, self.peak_source = None, None
 
     def on_train_start(self, trainer, pl_module):
-        self.peak, self.peak_source = device_peak_flops(pl_module.device)
+        self.peak, self.peak_source = peak_flops(pl_module.device, compute_dtype(trainer.precision))
+        if trainer.is_global_zero:
+            log.info("perf/mfu against %.1f TFLOP/s per device (%s)", self.peak / 1e12, self.peak_source)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         import time
@@ -167,7 +151,7 @@ class ThroughputMonitor(L.Callback):
         m = {"perf/samples_per_s": self._n * w / dt, "perf/step_time_s": dt / self.every}
         if self._tokens:
             m["perf/tokens_per_s"] = self._tokens * w / dt
-        if self.flops_per_sample and self.peak:
+        if self.flops_per_sample and self.peak and math.isfinite(self.peak):
             m["perf/mfu"] = self.flops_per_sample * self._n / dt / self.peak
         if pl_module.device.type == "cuda":
             m["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
