@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from unifuse.diffusion import FlowMatching, GaussianDiffusion, Guidance, NoiseSchedule, make_sampler
-from unifuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, FlowEuler, FlowHeun
+from unifuse.diffusion.flow import shift_time
+from unifuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, FlowEuler, FlowHeun, guided_sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -146,6 +147,39 @@ def test_flow_euler_every_step_equals_diffusers(shift):
     torch.testing.assert_close(FlowMatching().add_noise(x0, eps, sigma.expand(2)), ref.scale_noise(x0, t, eps))
 
 
+@pytest.mark.parametrize("steps,shift", [(1, 1.0), (2, 1.0), (5, 1.0), (12, 1.0), (12, 3.0), (7, 0.5)])
+def test_flow_heun_every_step_equals_diffusers(steps, shift):
+    """Each Heun step from the same x_t: an Euler predictor to the next time, the model again there,
+    the average of the two slopes; the last step (to t = 0) is Euler alone, one model call, in both.
+    Diffusers' scheduler is called twice per step (state_in_first_order: which half comes next)."""
+    ref = diffusers.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    ref.set_timesteps(steps)
+    grid = torch.cat([ref.sigmas[0::2], ref.sigmas[-1:]])  # sigmas repeat each inner time: each once
+    # their grid is our time shift of evenly spaced times (they end at sigma_min, then 0; ours at 0)
+    even = torch.linspace(1.0, ref.sigma_min, steps, dtype=torch.float64)
+    torch.testing.assert_close(shift_time(even, shift).float(), grid[:-1], atol=1e-6, rtol=1e-6)
+    s = FlowHeun(FlowMatching(shift=shift), steps)
+    s.ts = grid.float()  # their grid (ours spans [1, 0] evenly); the step rule is compared
+    calls, states = [], []
+
+    def model(x, t):  # ours: flow times in [0, 1]; theirs: sigma * 1000, as their pipelines pass them
+        calls.append(t[0] * 1000)
+        return fake_model(x, t * 1000)
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    s.run(model, x.clone(), callback=lambda i, xi: states.append(xi))
+    assert len(states) == steps and len(calls) == s.model_calls == len(ref.timesteps) == 2 * steps - 1
+    torch.testing.assert_close(torch.stack(calls), ref.timesteps)  # the times the model is asked at
+    for i, x_t in enumerate([x, *states[:-1]]):
+        y = x_t
+        for t in ref.timesteps[2 * i : 2 * i + 2]:  # predictor, then corrector at the next time
+            y = ref.step(fake_model(y, t), t, y).prev_sample
+        # atol: diffusers recovers the slope as (x - x0) / sigma in float32, which loses ~1e-7 |x| / sigma
+        # (3e-5 on the 2-step grid's step from 1 to sigma = 0.001)
+        torch.testing.assert_close(states[i], y, atol=5e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
+        assert ref.state_in_first_order == (i < steps - 1)  # the last step stopped after its Euler half
+
+
 def test_flow_grid_time_sampling_and_conversion():
     f = FlowMatching(time_sampling="uniform", shift=3.0)
     g = f.grid(4, shift=1.0)
@@ -234,6 +268,18 @@ def test_guidance_scale_one_is_the_conditional_output_and_batches_cond_with_unco
     ramp = Guidance(3.0, schedule="linear").wrap(net, cond, uncond, 2)
     first = ramp(x, t)
     torch.testing.assert_close(first, x * 0.5 + 2.0 * (x * 2.0 - x * 0.5))  # progress 1/2: 1 + (3-1)/2
+
+
+@pytest.mark.parametrize("sampler,calls", [("heun", 7), ("euler", 4)])
+def test_a_linear_guidance_ramp_reaches_its_scale_on_the_samplers_last_call(sampler, calls, monkeypatch):
+    """guided_sample measures progress in the sampler's model calls: Heun makes 2 * steps - 1."""
+    import unifuse.diffusion.guidance as guidance
+
+    progress, real = [], guidance.guidance_scale
+    monkeypatch.setattr(guidance, "guidance_scale", lambda s, schedule, p: progress.append(p) or real(s, schedule, p))
+    guided_sample(FlowMatching(), lambda x, t, c: x * c.reshape(-1, 1), (2, 3), sampler, 4, cfg_scale=3.0,
+                  cfg_schedule="linear", cond=torch.ones(2), uncond=torch.zeros(2))
+    assert len(progress) == calls and progress[-1] == 1.0 and progress == sorted(set(progress))
 
 
 def test_losses_in_float32_under_bf16_autocast_and_min_snr_weights():

@@ -6,7 +6,8 @@ prediction type, guidance already applied; see :mod:`unifuse.diffusion.guidance`
 diffusion and Transfusion run the same code. ``t`` is a (B,) tensor: integer timesteps for the
 Gaussian transport, floats in [0, 1] for flow matching. A sampler is also usable one step at a
 time (``grid()``, ``step(i, x, out, noise)``), which is how the tests hold each step against
-diffusers' schedulers. The state is float32 throughout.
+diffusers' schedulers; Heun, whose steps call the model twice, only runs whole (``run``'s callback
+gives the state after each step). The state is float32 throughout.
 
 Noise for stochastic steps comes from ``generator``: one ``torch.Generator``, or a list with one
 per row so a prompt gives the same image alone or in a batch.
@@ -47,6 +48,11 @@ class Sampler:
 
     def reset(self) -> None:
         """Forget multistep history (before a new run)."""
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls of one ``run`` (guidance schedules measure sampling progress in them)."""
+        return len(self.grid())
 
     def _t(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), self.grid()[i], device=x.device)
@@ -201,6 +207,10 @@ class FlowEuler(_Flow):
 class FlowHeun(_Flow):
     """Heun's second-order steps (two model calls per step; the last step, landing on t = 0, is Euler)."""
 
+    @property
+    def model_calls(self) -> int:
+        return 2 * self.steps - 1
+
     @torch.no_grad()
     def run(self, model, x, generator=None, callback=None):
         x = x.float()
@@ -246,7 +256,6 @@ def guided_sample(transport, net, shape: tuple[int, ...], sampler: str, steps: i
     from unifuse.diffusion.guidance import Guidance
 
     smp = make_sampler(sampler, transport, int(steps), **({"eta": eta} if sampler == "ddim" else {}))
-    calls = int(steps) * (2 if sampler == "heun" else 1)
-    model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, calls)
+    model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, smp.model_calls)
     x = randn_like(torch.empty(shape, device=device), generator)
     return smp.run(model, x, generator=generator, callback=callback)

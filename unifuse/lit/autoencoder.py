@@ -154,15 +154,13 @@ class ReconstructionModule(UnifuseModule):
 
     @torch.no_grad()
     def flops_per_batch(self, batch: dict) -> float:
-        """Training FLOPs of one batch: the forward counted by torch's FlopCounterMode, x3."""
-        from torch.utils.flop_counter import FlopCounterMode
+        """Training FLOPs of one batch: the forward counted by torch's FlopCounterMode (CPU attention
+        included, :mod:`unifuse.flops`), x3."""
+        from unifuse.flops import forward_flops
 
         x = batch["image"]
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.net(x[:1])
-        return 3.0 * counter.get_total_flops() * len(x)
+        return 3.0 * forward_flops(self.net, x[:1]) * len(x)
 
     def update_image_metrics(self, recon: torch.Tensor, x: torch.Tensor) -> None:
         a, b = (recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2

@@ -18,7 +18,9 @@ import torch
 from unifuse.checkpoint import load_net, tokenizer_entry
 from unifuse.lit.base import UnifuseModule
 from unifuse.models.image_gpt import TokenImageModel
+from unifuse.models.maskgit import MaskGIT
 from unifuse.models.pixels import IDENTITY, PixelSpace
+from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
 from unifuse.text.tokenizer import ByteTokenizer
@@ -110,6 +112,13 @@ class GeneratorModule(UnifuseModule):
         return {"samples": (images, [str(p) for p in self.sample_prompts])}
 
 
+def expected_masked(n: int) -> float:
+    """The expected number of positions :meth:`MaskGIT.mask_codes` masks in a block of ``n``:
+    ceil(n cos(pi u / 2)) with u ~ U(0, 1), i.e. the sum over k < n of P(n cos(pi u / 2) > k)
+    = (2 / pi) arccos(k / n)."""
+    return sum(2 / math.pi * math.acos(k / n) for k in range(n))
+
+
 class TokenGeneratorModule(GeneratorModule):
     def __init__(self, net: TokenImageModel, *args, **kwargs):
         super().__init__(net, *args, **kwargs)
@@ -147,9 +156,18 @@ class TokenGeneratorModule(GeneratorModule):
         return {**batch, "tokens": tokens}
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Transformer training FLOPs (6N + attention) for the batch's packed rows."""
+        """Training FLOPs of the batch: 3x the transformer's forward (the backward costs two) over
+        every position of the packed rows, padding included, attention over all (query, key) pairs.
+        The AR GPT runs the L - 1 input positions of a row; MaskGIT runs all L and its LM head only
+        at the masked codes, counted at their expected number. The frozen tokenizer is not counted."""
+        net = self.net.net
         b, seq = batch["tokens"].shape
-        return self.net.net.flops_per_token(seq) * seq * b
+        if not isinstance(self.net, MaskGIT):
+            return 3.0 * b * (seq - 1) * net.flops_per_token(seq - 1, training=False)
+        head = linear_flops(net.lm_head)
+        blocks = batch["image_pos"][:, 2].tolist() if "image_pos" in batch else []
+        masked = sum(expected_masked(n) for n in blocks)
+        return 3.0 * (b * seq * (net.flops_per_token(seq, training=False) - head) + masked * head)
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self.net.loss(self._rows(batch))

@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from unifuse.flops import forward_flops
 from unifuse.lit.ldm import LatentDiffusionModule
 from unifuse.models.transfusion import Transfusion
 from unifuse.pipeline import TransfusionPipeline
@@ -101,7 +102,26 @@ class TransfusionModule(LatentDiffusionModule):
         self._pool = []
 
     def flops_per_batch(self, batch: dict) -> float:
-        """Transformer training FLOPs (6N + attention) over the batch's positions, plus the patch
-        projections (small)."""
+        """Training FLOPs of the batch: 3x the forward (the backward costs two) of the backbone over
+        every position of the packed rows (padding included; attention over all (query, key) pairs;
+        the LM head everywhere), plus each image's own layers (:meth:`image_flops`). The frozen
+        autoencoder is not counted."""
         b, length = batch["tokens"].shape
-        return self.net.net.flops_per_token(length) * b * length
+        images = len(batch["image_pos"]) if "image_pos" in batch else 0
+        fwd = b * length * self.net.net.flops_per_token(length, training=False)
+        return 3.0 * (fwd + images * self.image_flops()) if images else 3.0 * fwd
+
+    def image_flops(self) -> float:
+        """Forward FLOPs of one image's own layers: time embedding, patch encoder and decoder (counted
+        by FlopCounterMode on one latent through a copy of the net on the meta device: shapes only, no
+        memory, and the training net, perhaps sharded or compiled, is left alone) and the blocks'
+        adaLN projections."""
+        with torch.device("meta"):
+            net = type(self.net).from_config(self.net.config())
+            z, t = torch.zeros(1, *net.latent_shape()), torch.zeros(1)
+
+        def one_image():
+            h, ctx = net.embed_image(z, t)
+            return net.image_output(h, ctx)
+
+        return forward_flops(one_image) + net.net.flops_per_cond()

@@ -35,7 +35,15 @@ from torch import nn
 
 from unifuse.diffusion import DiffusionConfig, FlowMatching
 from unifuse.models.attention import MaskSpec
-from unifuse.models.transformer import Attention, SwiGLU, Transformer, TransformerConfig, rope_rotation
+from unifuse.models.transformer import (
+    Attention,
+    SwiGLU,
+    Transformer,
+    TransformerConfig,
+    attention_flops,
+    linear_flops,
+    rope_rotation,
+)
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
@@ -258,5 +266,20 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ accounting
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self, text_len: int = 0) -> int:
+        """Forward FLOPs (matmuls, 2 per multiply-add) of one sample whose caption row has
+        ``text_len`` positions (BOS and padding included; 0: no caption): the caption encoder and its
+        projections, the time MLP, the patch embedding, every block over caption + patches (attention
+        over all pairs) with its adaLN projection, and the output layer."""
+        patches, seq = self.cfg.grid**2, self.cfg.grid**2 + text_len
+        flops = sum(seq * (linear_flops(b.attn) + linear_flops(b.mlp) + attention_flops(seq, self.cfg.dim))
+                    + linear_flops(b.ada) for b in self.blocks)
+        flops += patches * (linear_flops(self.patch_in) + linear_flops(self.patch_out))
+        flops += linear_flops(self.t_mlp) + linear_flops(self.ada_out)
+        if self.text is not None and text_len:
+            flops += text_len * (self.text.flops_per_token(text_len, training=False) + linear_flops(self.text_proj))
+            flops += linear_flops(self.text_pool)
+        return flops
 
 

@@ -21,9 +21,11 @@ WIDTHS = (64, 128, 256, 512, 512)
 class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        self.features = vgg16(weights=None).features[: TAPS[-1] + 1]
+        # VGG16's convolutional trunk alone (torchvision's ``vgg16().features``, same module indices),
+        # without building the 120M-parameter classifier that would be dropped; weights come from the file
+        self.features = make_layers(cfgs["D"])[: TAPS[-1] + 1]
         self.lins = nn.ModuleList(nn.Conv2d(w, 1, 1, bias=False) for w in WIDTHS)
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))

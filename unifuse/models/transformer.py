@@ -316,7 +316,26 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token: 2 * params (forward) + attention scores/values 2 * 2 * L * d per
         layer (causal halves it on average, not counted: the kernels compute most of it anyway).
-        Training = 3x forward (forward + backward)."""
+        Training = 3x forward (forward + backward). The adaLN projections run once per conditioning
+        vector, not per token: :meth:`flops_per_cond`."""
         per_image = sum(p.numel() for layer in self.layers if layer.ada is not None for p in layer.ada.parameters())
-        fwd = 2 * (self.num_params(non_embedding=True) - per_image) + 4 * self.cfg.n_layers * seq_len * self.cfg.dim
+        attention = self.cfg.n_layers * attention_flops(seq_len, self.cfg.dim)
+        fwd = 2 * (self.num_params(non_embedding=True) - per_image) + attention
         return 3 * fwd if training else fwd
+
+    def flops_per_cond(self) -> int:
+        """Forward FLOPs of the adaLN projections of every block for one conditioning vector
+        (:class:`PositionCond`: e.g. one per Transfusion image); 0 without ``cond_dim``."""
+        return sum(linear_flops(layer.ada) for layer in self.layers if layer.ada is not None)
+
+
+def linear_flops(module: nn.Module) -> int:
+    """Forward FLOPs of every ``nn.Linear`` in ``module`` for one input vector each (2 per
+    multiply-add; the bias adds are not counted, as torch's FlopCounterMode does not)."""
+    return 2 * sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_flops(keys: int, dim: int) -> int:
+    """Forward FLOPs of one query's attention over ``keys`` keys in one layer of width ``dim`` (all
+    heads): scores q.k and the weighted sum of values, 2 * 2 * keys * dim, whatever the mask."""
+    return 4 * keys * dim
