@@ -189,3 +189,58 @@ def test_callback_or_logger_entry_without_target_is_refused_before_anything_is_b
     for group in ("callbacks", "logger"):  # every shipped option has its targets
         for option in options(group):
             require_targets(_compose([f"{group}={option}"]), group)
+
+
+# The Transfusion paper's Table 2 (layers, width, heads) for each preset of the ladder.
+LADDER = {"transfusion_0.16b_h100": (16, 768, 12), "transfusion_0.37b_h100": (24, 1024, 16),
+          "transfusion_0.76b_h100": (24, 1536, 24), "transfusion_1.4b_h100": (24, 2048, 16),
+          "transfusion_7b_h100": (32, 4096, 32)}
+
+
+def assert_papers_recipe(cfg) -> None:
+    """The fields of a composed Transfusion config that the paper fixes (arXiv 2408.11039, sections 3
+    and 4.1, footnote 6)."""
+    net, model = cfg.model.net, cfg.model
+    assert net.transformer.qk_norm is False
+    img = net.image
+    assert (img.time_embedding, img.time_conditioning, img.pos_emb_2d) == ("before", "input", False)
+    assert (img.diffusion_weight, img.image_first_max_t) == (5.0, 0.5)
+    d = img.diffusion
+    assert (d.transport, d.schedule, d.prediction, d.steps) == ("ddpm", "cosine", "eps", 1000)
+    assert (model.sampling.sampler, model.sampling.steps, model.sampling.cfg_scale) == ("ddpm", 250, 5.0)
+    opt = model.optimizer
+    assert opt._target_ == "torch.optim.AdamW" and (opt.lr, list(opt.betas), opt.eps) == (3e-4, [0.9, 0.95], 1e-8)
+    assert model.weight_decay == 0.1 and opt.lr * model.scheduler.min_lr_ratio == pytest.approx(1.5e-5)
+
+
+@pytest.mark.parametrize("preset", LADDER)
+def test_the_size_ladder_is_the_papers_table_2_and_recipe(preset):
+    cfg = _compose([f"experiment={preset}"])
+    t = cfg.model.net.transformer
+    assert (t.n_layers, t.dim, t.n_heads) == LADDER[preset]
+    assert_papers_recipe(cfg)
+    assert (cfg.model.net.image.patch_encoder, cfg.model.net.image.patch_size) == ("linear", 2)  # its section 4.2
+    assert cfg.model.scheduler.warmup_steps == 4000 and cfg.trainer.max_steps == 250_000
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_model_transfusion_is_the_papers_recipe_and_the_emoji_preset_keeps_what_it_measured():
+    assert_papers_recipe(_compose(["model=transfusion"]))
+    e = _compose(["experiment=transfusion_emoji"])
+    net, model = e.model.net, e.model
+    assert net.transformer.qk_norm and net.image.pos_emb_2d and net.image.time_embedding == "after"
+    assert (net.image.time_conditioning, net.image.patch_size, net.image.diffusion.transport) == ("adaln", 2, "flow")
+    assert (model.sampling.sampler, model.sampling.steps, model.sampling.cfg_scale) == ("heun", 10, 3.0)
+    assert (model.optimizer.lr, model.scheduler.warmup_steps, model.scheduler.min_lr_ratio) == (1e-3, 200, 0.1)
+
+
+def test_cfg_job_of_the_0_76b_preset_prints_the_papers_heads_diffusion_and_warmup():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "unifuse.train", "experiment=transfusion_0.76b_h100", "--cfg", "job"],
+                         capture_output=True, text=True, check=True, cwd=CONF_DIR.parent).stdout
+    cfg = OmegaConf.create(out)
+    assert cfg.model.net.transformer.n_heads == 24 and cfg.model.scheduler.warmup_steps == 4000
+    d = cfg.model.net.image.diffusion
+    assert (d.transport, d.prediction, d.schedule) == ("ddpm", "eps", "cosine")

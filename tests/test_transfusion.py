@@ -177,6 +177,65 @@ def test_loss_masking_and_per_image_times():
     torch.testing.assert_close(same["loss"], base["loss"])
 
 
+@pytest.mark.parametrize("where,pos", [("before", False), ("after", False), ("after", True)])
+def test_time_embedding_joins_each_patch_vector_before_or_after_the_patch_layer(where, pos):
+    """``before`` (the paper): patch_in(patch + tau(t)) for every patch of the image; ``after``:
+    patch_in(patch) + time_mlp(t); ``pos_emb_2d`` adds the 2D sin-cos term. Patches are cut here
+    by F.unfold, independently of the model's own patchify."""
+    from torch.nn import functional as F
+
+    from unifuse.models.dit import sincos_2d, timestep_embedding
+
+    m = tiny_model(patch_size=2, time_embedding=where, pos_emb_2d=pos)
+    z, t = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        x, _ = m.embed_image(z, t)
+        temb = m.t_mlp(timestep_embedding(t, 256))
+        patches = F.unfold(z, kernel_size=2, stride=2).transpose(1, 2)  # (3, 4 patches, 4 x 2 x 2)
+        if where == "before":
+            ref = m.patch_in(patches + m.t_patch(F.silu(temb))[:, None])
+        else:
+            ref = m.patch_in(patches) + (sincos_2d(2, 32) if pos else 0) + temb[:, None]
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+    assert (m.t_patch is None) == (where == "after") and hasattr(m, "pos_emb") == pos
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_a_config_stored_before_the_recipe_options_loads_as_it_was_trained(encoder):
+    """A checkpoint's stored config from before time_embedding / pos_emb_2d / unet_attention /
+    unet_time_norm existed rebuilds the model it was trained as (time after the patch layer, the 2D
+    position term, a U-Net with time-conditioned norms and no attention), not today's defaults: its
+    weights load strictly and it computes the same."""
+    from unifuse.models.transfusion import STORED_BEFORE_OPTION
+
+    old = tiny_model(patch_encoder=encoder, patch_size=2, unet_channels=16, unet_blocks=1, **STORED_BEFORE_OPTION)
+    stored = old.config()
+    for key in STORED_BEFORE_OPTION:
+        del stored["image"][key]
+    new = Transfusion.from_config(stored).eval()
+    assert {k: getattr(new.icfg, k) for k in STORED_BEFORE_OPTION} == STORED_BEFORE_OPTION
+    new.load_state_dict(old.state_dict(), strict=True)
+    z, t = torch.randn(2, 4, 4, 4), torch.tensor([100, 700])
+    torch.testing.assert_close(new.embed_image(z, t)[0], old.embed_image(z, t)[0])
+    # a config that has the keys keeps them
+    assert Transfusion.from_config(tiny_model(patch_encoder=encoder, patch_size=2).config()).icfg.time_embedding \
+        == "before"
+
+
+def test_document_text_is_never_cut_and_a_document_beyond_the_context_is_refused():
+    """Training feeds interleaved text whole, so ``document`` must too (captions are cut at
+    max_text_len, document text is not); a document that cannot fit ``max_seq_len`` fails naming it."""
+    m = tiny_model(max_text_len=4)
+    a = m.document(["abcdefgh", None], steps=2, seed=3)
+    b = m.document(["abcdXXXX", None], steps=2, seed=3)
+    assert a[0] == {"text": "abcdefgh"}
+    assert not torch.allclose(a[1]["image"], b[1]["image"])  # the image sees the text past 4 tokens
+    short = Transfusion(TransformerConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=40), m.icfg)
+    with pytest.raises(ValueError, match=r"needs up to 50 positions .*model\.net\.transformer\.max_seq_len = 40"):
+        short.document(["x" * 30, None], max_images=1, steps=2)
+    assert len(short.document(["x" * 20, None], max_images=1, steps=2)) == 2  # 2 + 20 + 18 = 40 fits
+
+
 def test_text_only_documents_train_the_language_model():
     """Text-only documents are LM targets beside image documents, and a batch of text only trains
     the backbone while the image side stays in the graph with a zero gradient (DDP needs every
@@ -201,9 +260,26 @@ def test_text_only_documents_train_the_language_model():
         assert p.grad is not None and not p.grad.any()
 
 
-def test_ddp_trains_on_text_only_batches(tiny_emoji, tiny_kl, tmp_path):
+@pytest.mark.parametrize("encoder,conditioning", [("linear", "input"), ("linear", "adaln"), ("unet", "adaln")])
+def test_a_text_only_batch_gives_every_parameter_a_gradient(encoder, conditioning):
+    """DDP (without find_unused_parameters) fails the step after a backward that leaves any parameter
+    without a gradient: the adaLN projections inside the backbone as much as the patch layers."""
+    m = tiny_model(patch_encoder=encoder, patch_size=2 if encoder == "unet" else 1, unet_channels=16,
+                   unet_blocks=1, time_conditioning=conditioning).train()
+    pc = PackingCollator(batch_size=2, seq_len=48, vocab=m.vocab, image_tokens=m.n_patches, seed=0)
+    for i in range(4):
+        pc.add(Sample(key=f"t{i}", url="", text=f"words and more words {i}"))
+    m.loss(pc.pop(), None)["loss"].backward()
+    missing = [name for name, p in m.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert m.net.layers[0].attn.wq.weight.grad.any()  # the text path trains; the image side gets zeros
+    assert not any(p.grad.any() for p in m.image_parameters())
+
+
+@pytest.mark.parametrize("conditioning", ["input", "adaln"])
+def test_ddp_trains_on_text_only_batches(tiny_emoji, tiny_kl, tmp_path, conditioning):
     """Two ranks on a text-only source: no rank has an image, and DDP still finds a gradient for
-    every parameter."""
+    every parameter, with either time conditioning (adaln adds image-only projections to every block)."""
     from unifuse.data.shards import ShardWriter
 
     with ShardWriter(tmp_path / "text", prefix="text", max_samples=20) as w:
@@ -212,7 +288,8 @@ def test_ddp_trains_on_text_only_batches(tiny_emoji, tiny_kl, tmp_path):
     args = transfusion_overrides(tiny_emoji, tiny_kl) + [
         f"paths.root_dir={tmp_path}", "logger=csv", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
         "+trainer.limit_val_batches=1", "callbacks.fidelity.enabled=false", "~data.train.emoji",
-        f"+data.train.text={{shards: {tmp_path / 'text'}, weight: 1.0}}", "data.collator.batch_size=2"]
+        f"+data.train.text={{shards: {tmp_path / 'text'}, weight: 1.0}}", "data.collator.batch_size=2",
+        f"model.net.image.time_conditioning={conditioning}"]
     run(args, tmp_path)
     dirs = run_dirs(tmp_path / "outputs")
     ck = torch.load(dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
@@ -290,15 +367,40 @@ def test_multirun_over_the_loss_weight_with_ddp(tiny_emoji, tiny_kl, tmp_path):
         assert ck["unifuse"]["config"]["image"]["diffusion_weight"] == w
 
 
-def test_unet_patch_encoder_trains_both_halves_and_downsamples_by_the_patch_size():
-    m = tiny_model("flow", patch_encoder="unet", unet_channels=16, unet_blocks=2, patch_size=2).train()
+@pytest.mark.parametrize("time_norm", [False, True])
+def test_unet_patch_encoder_trains_both_halves_and_downsamples_by_the_patch_size(time_norm):
+    """The default U-Net is the paper's: plain norms and a self-attention block after every residual
+    block; ``unet_time_norm`` puts the time embedding into the blocks' norms instead (ADM's)."""
+    m = tiny_model("flow", patch_encoder="unet", unet_channels=16, unet_blocks=2, patch_size=2,
+                   unet_time_norm=time_norm).train()
     assert m.n_patches == 4 and not hasattr(m, "patch_in")
+    assert all((blk.emb is not None) == time_norm for blk in [*m.unet.down, *m.unet.up])
+    assert len(m.unet.down_attn) == len(m.unet.down) == 4 and len(m.unet.up_attn) == 4
     batch = random_batch(m, 0)
     m.loss(batch, batch["latents"][:, :4])["loss"].backward()
-    for name in ("down.0.conv1.weight", "down.3.emb.weight", "up.0.conv1.weight", "conv_out.weight",
-                 "to_tokens.weight"):
+    names = ["down.0.conv1.weight", "up.0.conv1.weight", "conv_out.weight", "to_tokens.weight",
+             "down_attn.3.proj.weight", "up_attn.0.proj.weight"] + (["down.3.emb.weight"] if time_norm else [])
+    for name in names:
         g = dict(m.unet.named_parameters())[name].grad
         assert g is not None and g.abs().sum() > 0, name
+
+
+def test_unet_attention_block_is_multi_head_attention_over_all_positions():
+    """AttnBlock against attention written out with einsum: every position of the map attends to
+    every other, per head."""
+    from unifuse.models.autoencoder import AttnBlock
+
+    torch.manual_seed(0)
+    blk = AttnBlock(8, groups=4, heads=2)
+    torch.nn.init.normal_(blk.proj.weight, std=0.3)
+    x = torch.randn(2, 8, 3, 5)
+    q, k, v = blk.qkv(blk.norm(x)).flatten(2).view(2, 3, 2, 4, 15).unbind(1)  # (b, heads, c/heads, hw)
+    w = torch.einsum("bhcq,bhck->bhqk", q, k).div(4**0.5).softmax(-1)
+    ref = x + blk.proj(torch.einsum("bhqk,bhck->bhcq", w, v).reshape(2, 8, 3, 5))
+    torch.testing.assert_close(blk(x), ref, atol=1e-5, rtol=1e-5)
+    far = x.clone()
+    far[:, :, 0, 0] += 1.0
+    assert not torch.allclose(blk(far)[:, :, 2, 4], blk(x)[:, :, 2, 4])  # a corner sees the other corner
 
 
 def test_pixel_space_transfusion_trains_and_samples_without_an_autoencoder(tiny_emoji, tmp_path):

@@ -65,6 +65,29 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class AttnBlock(nn.Module):
+    """Residual self-attention over the positions of a feature map (ADM's attention block): a
+    norm, 1x1 query/key/value projections, multi-head attention among all H x W positions and a
+    zero-initialised 1x1 output projection, so a fresh block is the identity."""
+
+    def __init__(self, c: int, groups: int, heads: int = 1):
+        super().__init__()
+        if c % heads:
+            raise ValueError(f"attention over {c} channels cannot be split into {heads} heads")
+        self.heads = heads
+        self.norm = _norm(c, groups)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, h * w, c / heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class Downsample(nn.Module):
     def __init__(self, c: int):
         super().__init__()

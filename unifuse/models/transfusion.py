@@ -9,15 +9,21 @@ timestep.
 
 * Backbone: the shared :class:`~unifuse.models.transformer.Transformer` (token embedding, blocks,
   final norm, LM head). Text and special tokens enter through the token embedding; an image
-  position enters as ``patch_in(patch) + 2D sin-cos position + time_mlp(t)``: the time embedding
-  is computed for image positions only and added to every patch vector of that image. (Adding it
-  after the linear projection rather than before: for patch size 1 a patch vector has only
-  ``latent_channels`` entries, and an embedding added there could carry little; added after, it
-  includes every signal the before-projection version can express.)
+  position enters through the patch encoder, with the image's timestep embedding (computed for
+  image positions only, one per image). ``time_embedding=before`` (the paper's, its footnote 6):
+  the embedding, brought to the size of a patch vector, is added to every patch vector before the
+  encoder: ``patch_in(patch + tau(t))``. ``after``: it is added to the encoder's output in model
+  width, ``patch_in(patch) + time_mlp(t)``; for patch size 1 a patch vector has only
+  ``latent_channels`` entries, and the after version carries every signal the before version can.
+  ``pos_emb_2d`` adds a 2D sin-cos position to each patch's input vector; the paper has only the
+  backbone's rotary positions. ``time_conditioning=adaln`` also feeds the embedding to every block
+  as a scale, shift and gate at that image's positions (DiT's adaLN; not in the paper).
 * Patch encoders (``patch_encoder``): ``linear`` as above, or ``unet``: the paper's U-Net down
-  blocks (residual conv blocks of the autoencoder body, conditioned on the time embedding, one
-  stride-2 stage per factor 2 of ``patch_size``) before the transformer and the matching up blocks
-  after it, with a skip from the down path to the output head.
+  blocks (residual conv blocks of the autoencoder body with plain norms, each followed by a
+  self-attention block, one stride-2 stage per factor 2 of ``patch_size``) before the transformer
+  and the matching up blocks after it, with a skip from the down path to the output head.
+  ``unet_time_norm`` conditions the blocks' norms on the time embedding instead (ADM's; the paper
+  replaces that with plain norms), ``unet_attention=false`` drops the attention blocks.
 * Attention: causal, bidirectional inside each image, never across documents; one mask function
   (:mod:`unifuse.models.attention`), FlexAttention on GPU, a dense mask on CPU, built once per
   forward.
@@ -46,10 +52,10 @@ from torch.nn import functional as F
 
 from unifuse.diffusion import DiffusionConfig, FlowMatching
 from unifuse.diffusion.samplers import guided_sample
-from unifuse.models.autoencoder import Downsample, ResBlock, Upsample
+from unifuse.models.autoencoder import AttnBlock, Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
 from unifuse.models.sampling import left_padded, row_generators, sample_logits
-from unifuse.models.transformer import KVCache, PositionCond, Transformer, TransformerConfig
+from unifuse.models.transformer import AdaLN, KVCache, PositionCond, Transformer, TransformerConfig
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
@@ -67,11 +73,17 @@ class TransfusionConfig:
     image_first_max_t: float = 0.5  # images before their text: t <= this fraction of the noise range
     max_text_len: int = 48  # caption tokens kept in prompts
     patch_encoder: str = "linear"  # linear | unet
-    # input: the timestep embedding is added to each patch vector (the paper); adaln: also a
-    # scale, shift and gate from it in every block, at the image's positions only (as DiT's adaLN)
+    # where the timestep embedding joins the image: before: added to every patch vector before the
+    # patch encoder (the paper, its footnote 6); after: added to the encoder's output, in model width
+    time_embedding: str = "before"
+    # input: the timestep reaches the backbone only through the image's input vectors (the paper);
+    # adaln: also a scale, shift and gate from it in every block, at the image's positions only (DiT's)
     time_conditioning: str = "input"
+    pos_emb_2d: bool = False  # a 2D sin-cos position added to each patch's input vector (the paper: RoPE only)
     unet_channels: int = 64  # unet: conv width
     unet_blocks: int = 2  # unet: residual blocks per level
+    unet_attention: bool = True  # unet: self-attention after every residual block (the paper's U-Net has it)
+    unet_time_norm: bool = False  # unet: the time embedding scales and shifts the blocks' norms (ADM); off: plain
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="cosine"))
 
     @property
@@ -79,9 +91,29 @@ class TransfusionConfig:
         return self.latent_size // self.patch_size
 
 
+# What a model whose stored config lacks one of these keys (saved before the option existed) was
+# built with: Transfusion.from_config fills a missing key from here, not from today's defaults.
+STORED_BEFORE_OPTION = {"time_embedding": "after", "pos_emb_2d": True, "unet_attention": False,
+                        "unet_time_norm": True}
+
+_CHOICES = {"patch_encoder": ("linear", "unet"), "time_embedding": ("before", "after"),
+            "time_conditioning": ("input", "adaln")}
+
+
+def _check_options(cfg: TransfusionConfig, key: str) -> None:
+    """One-line errors naming the setting, before anything is built."""
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"{key}.{name} must be one of {', '.join(choices)}, not {getattr(cfg, name)!r}")
+    if cfg.latent_size % cfg.patch_size:
+        raise ValueError(f"{key}.latent_size {cfg.latent_size} is not a multiple of patch_size {cfg.patch_size}")
+
+
 class UNetPatches(nn.Module):
     """U-Net down blocks (latent -> one vector per patch, plus skips) and the matching up blocks
-    (transformer outputs + skips -> the prediction), both conditioned on the time embedding."""
+    (transformer outputs + skips -> the prediction). Each residual block is followed by a
+    self-attention block (``unet_attention``); the blocks' norms are plain, or scaled and shifted by
+    the time embedding (``unet_time_norm``)."""
 
     def __init__(self, cfg: TransfusionConfig, dim: int):
         super().__init__()
@@ -89,23 +121,32 @@ class UNetPatches(nn.Module):
         levels = cfg.patch_size.bit_length() - 1
         if 1 << levels != cfg.patch_size:
             raise ValueError(f"patch_encoder=unet needs a power-of-two patch_size, not {cfg.patch_size}")
+        emb = dim if cfg.unet_time_norm else 0
         self.conv_in = nn.Conv2d(c, ch, 3, padding=1)
-        self.down = nn.ModuleList(ResBlock(ch, ch, 32, emb_dim=dim) for _ in range(nb * (levels + 1)))
+        self.down = nn.ModuleList(ResBlock(ch, ch, 32, emb_dim=emb) for _ in range(nb * (levels + 1)))
         self.downsample = nn.ModuleList(Downsample(ch) for _ in range(levels))
         self.to_tokens = nn.Conv2d(ch, dim, 1)
         self.from_tokens = nn.Conv2d(dim, ch, 1)
-        self.up = nn.ModuleList(ResBlock(2 * ch, ch, 32, emb_dim=dim) for _ in range(nb * (levels + 1)))
+        self.up = nn.ModuleList(ResBlock(2 * ch, ch, 32, emb_dim=emb) for _ in range(nb * (levels + 1)))
         self.upsample = nn.ModuleList(Upsample(ch) for _ in range(levels))
         self.norm_out = nn.GroupNorm(32 if ch % 32 == 0 else 1, ch)
         self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.nb = nb
+        attn = cfg.unet_attention
+        self.down_attn = nn.ModuleList(AttnBlock(ch, 32) for _ in self.down) if attn else None
+        self.up_attn = nn.ModuleList(AttnBlock(ch, 32) for _ in self.up) if attn else None
+
+    def _block(self, i: int, h: torch.Tensor, emb: torch.Tensor, up: bool) -> torch.Tensor:
+        h = (self.up if up else self.down)[i](h, emb)
+        attn = self.up_attn if up else self.down_attn
+        return h if attn is None else attn[i](h)
 
     def encode(self, z: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h, skips = self.conv_in(z), []
-        for i, blk in enumerate(self.down):
-            h = blk(h, emb)
+        for i in range(len(self.down)):
+            h = self._block(i, h, emb, up=False)
             skips.append(h)
             if (i + 1) % self.nb == 0 and (i + 1) // self.nb <= len(self.downsample):
                 h = self.downsample[(i + 1) // self.nb - 1](h)
@@ -114,10 +155,10 @@ class UNetPatches(nn.Module):
     def decode(self, tokens: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         n, g = tokens.shape[0], int(round(tokens.shape[1] ** 0.5))
         h = self.from_tokens(tokens.transpose(1, 2).reshape(n, -1, g, g))
-        for i, blk in enumerate(self.up):
+        for i in range(len(self.up)):
             if i and i % self.nb == 0:
                 h = self.upsample[i // self.nb - 1](h)
-            h = blk(torch.cat([h, skips[-1 - i]], 1), emb)
+            h = self._block(i, torch.cat([h, skips[-1 - i]], 1), emb, up=True)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -129,27 +170,25 @@ class Transfusion(nn.Module):
                  text_tokenizer: TextTokenizer | None = None):
         super().__init__()
         image = image or TransfusionConfig()
-        if image.latent_size % image.patch_size:
-            raise ValueError(f"latent_size {image.latent_size} is not a multiple of patch_size {image.patch_size}")
+        _check_options(image, self.config_key)
         self.icfg = image
         self.text_tokenizer = text_tokenizer or ByteTokenizer()
         self.vocab = VocabLayout(text_size=max(self.text_tokenizer.vocab_size, 1))
-        if image.time_conditioning not in ("input", "adaln"):
-            raise ValueError(f"time_conditioning must be 'input' or 'adaln', not {image.time_conditioning!r}")
         cond_dim = transformer.dim if image.time_conditioning == "adaln" else 0
         self.net = Transformer(TransformerConfig(**{**asdict(transformer), "vocab_size": self.vocab.size,
                                                     "cond_dim": cond_dim}))
         self.diffusion = image.diffusion.build()
         dim, cpp = self.net.cfg.dim, image.latent_channels * image.patch_size**2
-        self.register_buffer("pos_emb", sincos_2d(image.grid, dim), persistent=False)
+        if image.pos_emb_2d:
+            self.register_buffer("pos_emb", sincos_2d(image.grid, dim), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        if image.patch_encoder not in ("linear", "unet"):
-            raise ValueError(f"patch_encoder must be 'linear' or 'unet', not {image.patch_encoder!r}")
         self.unet = UNetPatches(image, dim) if image.patch_encoder == "unet" else None
         if self.unet is None:
             self.patch_in, self.patch_out = nn.Linear(cpp, dim), nn.Linear(dim, cpp)
             nn.init.zeros_(self.patch_out.weight)
             nn.init.zeros_(self.patch_out.bias)
+        # before: the time embedding (model width) brought to the size of a patch vector
+        self.t_patch = nn.Linear(dim, cpp) if image.time_embedding == "before" else None
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
@@ -158,7 +197,9 @@ class Transfusion(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> Transfusion:
-        image = dict(config["image"])
+        """Rebuild a stored model; a key its config lacks (stored before the option existed) takes
+        the value that model was trained with (:data:`STORED_BEFORE_OPTION`), not today's default."""
+        image = {**STORED_BEFORE_OPTION, **config["image"]}
         image["diffusion"] = DiffusionConfig(**image.get("diffusion") or {})
         return cls(TransformerConfig(**config["transformer"]), TransfusionConfig(**image),
                    load_tokenizer(config.get("text_tokenizer")))
@@ -175,14 +216,22 @@ class Transfusion(nn.Module):
         """(N, C, H, W) noisy latents at times (N,) -> ((N, patches, dim) input vectors, (the U-Net's
         skips or None, the time embedding (N, dim)) for :meth:`image_output` and the blocks)."""
         b, c, h, w = z.shape
-        p, dtype = self.icfg.patch_size, self.t_mlp[0].weight.dtype
+        p, g, dtype = self.icfg.patch_size, self.icfg.grid, self.t_mlp[0].weight.dtype
         t = t * 1000.0 if isinstance(self.diffusion, FlowMatching) else t  # flow times in [0, 1]
         temb = self.t_mlp(timestep_embedding(t.expand(b), 256).to(dtype))
+        z = z.to(dtype)
+        if self.t_patch is not None:  # the same (C, p, p) vector added to every patch of the latent
+            z = z + self.t_patch(F.silu(temb)).view(b, c, p, p).repeat(1, 1, g, g)
         if self.unet is not None:
-            x, skips = self.unet.encode(z.to(dtype), temb)
-            return x + self.pos_emb.to(dtype) + temb[:, None], (skips, temb)
-        patches = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
-        return self.patch_in(patches.to(dtype)) + self.pos_emb.to(dtype) + temb[:, None], (None, temb)
+            x, skips = self.unet.encode(z, temb)
+        else:
+            skips = None
+            x = self.patch_in(z.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p))
+        if self.icfg.pos_emb_2d:
+            x = x + self.pos_emb.to(dtype)
+        if self.t_patch is None:
+            x = x + temb[:, None]
+        return x, (skips, temb)
 
     def image_output(self, h: torch.Tensor, ctx: tuple) -> torch.Tensor:
         """(N, patches, dim) hidden states -> (N, C, H, W) predictions, float32."""
@@ -229,9 +278,12 @@ class Transfusion(nn.Module):
         return self.net.lm_head(h), self.image_output(h.flatten(0, 1)[idx].view(len(z_t), self.n_patches, -1), ctx)
 
     def image_parameters(self) -> list[nn.Parameter]:
-        """The parameters outside the transformer: time embedding, patch encoder and decoder."""
-        backbone = {id(p) for p in self.net.parameters()}
-        return [p for p in self.parameters() if id(p) not in backbone]
+        """Every parameter only image positions reach: those outside the transformer (time embedding,
+        patch encoder and decoder) and the backbone's adaLN projections (they modulate image
+        positions only). A batch without an image leaves them without a gradient."""
+        image_only = [p for m in self.net.modules() if isinstance(m, AdaLN) for p in m.parameters()]
+        text_too = {id(p) for p in self.net.parameters()} - {id(p) for p in image_only}
+        return [p for p in self.parameters() if id(p) not in text_too]
 
     def text_targets(self, batch: dict) -> torch.Tensor:
         """(B, L-1) True where the token at i+1 is a text/special target predicted from a text or
@@ -274,6 +326,8 @@ class Transfusion(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def text_ids(self, text: str | None) -> list[int]:
+        """A caption's token ids as training saw them: cut to ``max_text_len`` (the collator cuts the
+        caption of an image-caption pair there). Text of an interleaved document is never cut."""
         return self.text_tokenizer.encode(text)[: self.icfg.max_text_len] if text else []
 
     def _device(self):
@@ -447,6 +501,21 @@ class Transfusion(nn.Module):
         both.length, both.plain = length, False
         return both
 
+    def _document_cache(self, texts: list[list[int]], forced_images: int, max_images: int,
+                        max_new_tokens: int) -> KVCache:
+        """A one-row cache for a document of the given text parts (token ids, uncut) and images,
+        plus what sampling may add; refused, naming the limit, when it exceeds the model's context."""
+        n, limit = self.n_patches, self.net.cfg.max_seq_len
+        images = max_images if max_new_tokens else min(max_images, forced_images)
+        text = sum(len(ids) for ids in texts)
+        size = 2 + text + images * (n + 2) + max_new_tokens
+        if size > limit:
+            raise ValueError(
+                f"the document needs up to {size} positions (BOS and EOS, {text} tokens of given text, {images} x "
+                f"{n + 2} for images, {max_new_tokens} new tokens), more than model.net.transformer.max_seq_len = "
+                f"{limit}: shorten the text or lower max_new_tokens / max_images")
+        return self.net.new_cache(1, size)
+
     @torch.no_grad()
     def document(self, parts: list[str | None], max_new_tokens: int = 0, max_images: int = 4,
                  sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
@@ -456,11 +525,13 @@ class Transfusion(nn.Module):
         images to generate there (None: a forced BOI); then up to ``max_new_tokens`` sampled
         tokens, in which a sampled BOI starts another image (at most ``max_images`` in all).
         Returns segments ``{"text": str}`` / ``{"image": (C, H, W) latent}``; generated text is
-        ``{"text": str, "generated": True}``. Image k uses seed ``seed + 1 + k``."""
+        ``{"text": str, "generated": True}``. Image k uses seed ``seed + 1 + k``. Given text is fed
+        whole, as training feeds interleaved text; a document that may not fit the model's context
+        (``max_seq_len``) is refused before anything runs."""
         v, dev, n = self.vocab, self._device(), self.n_patches
-        parts = list(parts)
-        size = 2 + sum(len(self.text_ids(p)) for p in parts if p) + max_images * (n + 2) + max_new_tokens
-        cache = self.net.new_cache(1, size)
+        parts = [None if p is None else (p, self.text_tokenizer.encode(p)) for p in parts]  # never cut
+        cache = self._document_cache([p[1] for p in parts if p is not None], parts.count(None), max_images,
+                                     max_new_tokens)
         h = self._feed(cache, [v.bos])
         gen = row_generators(seed, 1, dev)
         segments: list[dict] = []
@@ -496,10 +567,10 @@ class Transfusion(nn.Module):
                 segments.append({"image": z[0]})
                 images += 1
             else:
-                ids = self.text_ids(part)
+                text, ids = part
                 if ids:
                     h = self._feed(cache, ids)
-                segments.append({"text": part})
+                segments.append({"text": text})
         for s in segments:
             s.pop("ids", None)
         return segments
