@@ -41,11 +41,12 @@ def test_group_options_compose(group, option, tmp_path: Path):
     extra = []
     needs_tokenizer = {("model", "ar_gpt"), ("model", "maskgit"), ("model", "ldm"), ("model", "transfusion"),
                        ("data", "emoji_codes"), ("data", "emoji_latents"), ("data", "emoji_packed"),
-                       ("data", "emoji_packed_pixels")}
+                       ("data", "emoji_packed_pixels"), ("data", "emoji_packed_text")}
     if (group, option) in needs_tokenizer:
         (tmp_path / "tok.ckpt").write_bytes(b"x")  # generators and encoded shards name a tokenizer / autoencoder
         model = {"emoji_codes": ["model=ar_gpt"], "emoji_latents": ["model=ldm"],
-                 "emoji_packed": ["model=transfusion"], "emoji_packed_pixels": ["model=transfusion"]}.get(option, [])
+                 "emoji_packed": ["model=transfusion"], "emoji_packed_pixels": ["model=transfusion"],
+                 "emoji_packed_text": ["model=transfusion"]}.get(option, [])
         extra = [*model, f"model.tokenizer_ckpt={tmp_path / 'tok.ckpt'}"]
     cfg = _compose([f"{group}={option}", *extra])
     assert cfg.hydra.runtime.choices[group] == option

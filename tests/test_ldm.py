@@ -201,3 +201,12 @@ def test_pixel_space_latent_diffusion_with_the_identity_autoencoder(tiny_emoji, 
                                        grid=2), tokenizer_ckpt="identity")
     with pytest.raises(ValueError, match="tokenizer_ckpt=identity"):
         ar.setup("fit")
+
+
+def test_two_validation_passes_of_the_same_weights_log_the_same_loss(tiny_emoji, tiny_kl, tmp_path):
+    """Validation encodes the posterior mean: val/loss moves only with the weights (a posterior
+    sample from the global generator moved it between epochs)."""
+    from tests.test_transfusion import validate_twice
+
+    first, second = validate_twice(ldm_overrides(tiny_emoji, tiny_kl), tmp_path)
+    assert "val/loss" in first and first == second

@@ -420,3 +420,216 @@ def test_pixel_space_transfusion_trains_and_samples_without_an_autoencoder(tiny_
     x = pipe.generate(["twemoji dog face"], steps=2)
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
     assert pipe.caption(x, max_new_tokens=3)[0] is not None
+
+
+# ---------------------------------------------------------------------------- validation metrics
+def validate_twice(overrides: list[str], tmp_path, setup=None) -> list[dict]:
+    """Two Lightning validation passes over the same weights: the metrics each logged. The
+    zero-initialised layers (output heads, adaLN gates) get small random weights first, so that the
+    image predictions depend on the latents; then ``setup(model)`` runs."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(overrides + ["logger=none"], tmp_path)
+    data, model = instantiate(cfg.data), instantiate(cfg.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    if setup is not None:
+        setup(model)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    return [{k: float(v) for k, v in trainer.validate(model, datamodule=data, verbose=False)[0].items()}
+            for _ in range(2)]
+
+
+def test_two_validation_passes_of_the_same_weights_log_the_same_numbers(tiny_emoji, tiny_kl, tmp_path):
+    """Validation takes the autoencoder's posterior mean: the image loss and the retrieval pool do not
+    move between epochs unless the weights do (a posterior sample from the global generator did)."""
+    first, second = validate_twice(transfusion_overrides(tiny_emoji, tiny_kl), tmp_path)
+    for key in ("val/image_loss", "val/loss", "val/caption_bpb", "val/caption_top1", "val/caption_top1_pmi",
+                "val/caption_exact", "val/caption_f1"):
+        assert key in first, key
+    assert first == second
+
+
+def test_validation_caption_metrics_score_what_the_caption_methods_return(tiny_emoji, tiny_kl, tmp_path):
+    """With the net's caption methods replaced by known ones:
+
+    * val/caption_exact and val/caption_f1 score what ``net.caption`` decodes for the first
+      ``caption_images`` validation images: every other caption right, the others empty, is 0.5;
+    * val/caption_top1_pmi ranks by log p(c | image) - log p(c | no image): with a caption prior
+      that favours short captions far more than the image favours the true one, the plain
+      log-likelihood picks short captions while the difference finds every true caption."""
+    calls = []
+
+    def setup(model):
+        real, pool = model.net.caption, lambda: model._pool
+
+        def caption(z, **kw):
+            calls.append(len(z))
+            assert len(real(z, **kw)) == len(z)  # the real decoder runs on the same latents
+            truth = [model.net.text_tokenizer.decode(model.net.text_ids(c)) for _, c in pool()]
+            return [t.upper() if i % 2 == 0 else "" for i, t in enumerate(truth[: len(z)])]  # case is not scored
+
+        def caption_logprob(z, caps):
+            prior = torch.tensor([-10.0 * len(c) for c in caps])
+            if z is None:
+                return prior
+            truth = [next(c for zp, c in pool() if torch.equal(zp, zi)) for zi in z]
+            return prior + 5.0 * torch.tensor([float(c == t) for c, t in zip(caps, truth, strict=True)])
+
+        model.net.caption, model.net.caption_logprob = caption, caption_logprob
+
+    metrics, _ = validate_twice(transfusion_overrides(tiny_emoji, tiny_kl) + ["model.caption_images=6"], tmp_path,
+                                setup)
+    assert calls == [6, 6]  # one batch of 6 images per pass
+    assert metrics["val/caption_exact"] == pytest.approx(0.5) and metrics["val/caption_f1"] == pytest.approx(0.5)
+    assert metrics["val/caption_top1_pmi"] == 1.0 and metrics["val/caption_top1"] < 0.5
+
+
+def test_caption_match_is_exact_match_and_token_f1_on_lowercased_words():
+    from unifuse.lit.transfusion import caption_match
+
+    assert caption_match("Twemoji  Dog face ", "twemoji dog face") == (1.0, 1.0)
+    exact, f1 = caption_match("twemoji dog", "twemoji dog face")  # precision 1, recall 2/3
+    assert exact == 0.0 and f1 == pytest.approx(0.8)
+    assert caption_match("dog dog", "dog dog face")[1] == pytest.approx(0.8)  # both "dog"s count
+    assert caption_match("", "twemoji dog") == (0.0, 0.0) and caption_match("cat", "twemoji dog") == (0.0, 0.0)
+
+
+def test_caption_scores_are_the_text_likelihoods_of_the_documents_the_collator_packs():
+    """log p(caption | no image) is what the LM gives a caption-first document's caption and the BOI
+    that ends it; log p(caption | image) the image-first document's caption and EOS after the clean
+    latent: both read off a forward over the row ``PackingCollator`` builds, at the text targets
+    training scores."""
+    m = tiny_model()
+    z = torch.randn(3, 4, 4, 4).half().float()  # latent shards hold float16
+    caps = ["abc", "a longer caption", "ab ab"]
+    scores = {False: m.caption_logprob(None, caps), True: m.caption_logprob(z, caps)}
+    for first, end in ((False, m.vocab.boi), (True, m.vocab.eos)):
+        for i, cap in enumerate(caps):
+            pc = PackingCollator(batch_size=1, seq_len=96, vocab=m.vocab, image_tokens=m.n_patches,
+                                 caption_first=0.0 if first else 1.0)
+            pc.add(Sample(key="k", url="", text=cap, codes=torch.cat([z[i], torch.zeros_like(z[i])]).half().numpy()))
+            batch = pc.pop()
+            with torch.no_grad():
+                logits = m(batch, batch["latents"][:, :4], torch.zeros(1, dtype=torch.long))[0]
+            target = m.text_targets(batch)
+            y = batch["tokens"][:, 1:][target]
+            nats = torch.nn.functional.cross_entropy(logits[:, :-1][target], y, reduction="none")
+            at = slice(1, len(cap) + 2) if first else slice(0, len(cap) + 1)  # image first: BOS -> BOI comes first
+            assert int(y[at][-1]) == end and len(y[at]) == len(cap) + 1
+            torch.testing.assert_close(scores[first][i], -nats[at].sum(), atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(scores[False], scores[True])
+
+
+def test_text_only_positions_mark_the_documents_without_an_image():
+    from unifuse.lit.transfusion import text_only_positions
+
+    m = tiny_model()
+    pc = PackingCollator(batch_size=2, seq_len=96, vocab=m.vocab, image_tokens=m.n_patches, seed=0)
+    for key, text, image in (("a", "ab", True), ("b", "words", False), ("c", "more words", False),
+                             ("d", "", True)):
+        pc.add(Sample(key=key, url="", text=text, codes=np.zeros((8, 4, 4), np.float16) if image else None))
+    batch = pc.pop()
+    mask = text_only_positions(batch)
+    doc, has_image = batch["doc_id"], batch["image_id"] >= 0
+    for r in range(2):
+        for d in doc[r].unique().tolist():
+            at = doc[r] == d
+            assert bool((mask[r][at] == (d >= 0 and not has_image[r][at].any())).all()), (r, d)
+    assert int(mask.sum()) == (2 + len("words")) + (2 + len("more words"))  # [BOS] text [EOS] of each
+
+
+def test_bits_per_byte_count_text_only_documents_apart_from_documents_with_an_image():
+    """The epoch sums behind val/text_bpb and val/caption_bpb: packed together, the text-only documents
+    give the nats and bytes they give alone, and the image documents those of a batch of them alone
+    (documents do not see each other)."""
+    from unifuse.lit.transfusion import TransfusionModule
+
+    module = TransfusionModule(tiny_model())
+    m = module.net
+    lat = np.random.default_rng(0).standard_normal((8, 4, 4)).astype(np.float16)
+    docs = [Sample(key="i1", url="", text="ab", codes=lat), Sample(key="t1", url="", text="some words"),
+            Sample(key="i2", url="", text="a cat", codes=lat), Sample(key="t2", url="", text="é more")]
+
+    def sums(samples, caption_first=1.0):
+        pc = PackingCollator(batch_size=2, seq_len=96, vocab=m.vocab, image_tokens=m.n_patches,
+                             caption_first=caption_first, seed=0)
+        for s in samples:
+            pc.add(s)
+        batch = pc.pop()
+        z = batch["latents"][:, :4] if "latents" in batch else None
+        t = torch.zeros(len(z), dtype=torch.long) if z is not None else None
+        out = m.loss(batch, z, t, None if z is None else torch.zeros_like(z), per_token=True)
+        module._bits = {}
+        module._count_bits(batch, out["text_ids"], out["text_nats"])
+        return {k: v.clone() for k, v in module._bits.items()}
+
+    for first in (1.0, 0.0):  # captions before and after their image
+        mixed, alone_text, alone_images = sums(docs, first), sums(docs[1::2], first), sums(docs[0::2], first)
+        torch.testing.assert_close(mixed["text_bpb"], alone_text["text_bpb"])
+        torch.testing.assert_close(mixed["caption_bpb"], alone_images["caption_bpb"])
+        assert alone_text["caption_bpb"].sum() == 0 and alone_images["text_bpb"].sum() == 0
+        assert mixed["text_bpb"][1] == len("some words") + len("é more".encode())
+        assert mixed["caption_bpb"][1] == len("ab") + len("a cat")
+
+
+def test_a_validation_split_of_two_sources_interleaves_them(tiny_emoji, tmp_path):
+    """``data.val={images: ..., text: ...}`` (data=emoji_packed_text): the text shards hold one document
+    per caption of the image split, and every validation batch holds both kinds of documents, about
+    as many of each as the sources' sizes (1:1), none twice."""
+    from unifuse.data.builders import caption_text_shards
+    from unifuse.data.datamodule import ShardDataModule
+    from unifuse.data.samples import DecodeConfig
+    from unifuse.data.shards import expand_shards, shard_counts
+    from unifuse.lit.transfusion import text_only_positions
+
+    text = caption_text_shards(tmp_path / "text", tiny_emoji, "val")
+    assert sum(shard_counts(expand_shards(text))) == sum(shard_counts(expand_shards(str(tiny_emoji / "val"))))
+    collator = PackingCollator(batch_size=3, seq_len=128, image_tokens=16)
+    dm = ShardDataModule({"x": {"shards": str(tiny_emoji / "train")}}, collator, num_workers=0,
+                         val={"images": str(tiny_emoji / "val"), "text": text}, decode=DecodeConfig(image_size=16))
+    seen, batches = [], 0
+    for b in dm.val_dataloader():
+        only_text = text_only_positions(b)
+        kinds = []
+        for r, doc in enumerate(b["doc_id"]):
+            for d in doc[doc >= 0].unique().tolist():
+                kinds.append(bool(only_text[r][doc == d].all()))
+                if kinds[-1]:
+                    seen.append(tuple(b["tokens"][r][doc == d].tolist()))
+        batches += 1
+        assert 0.25 <= sum(kinds) / len(kinds) <= 0.75, kinds
+    assert batches >= 2 and len(seen) == len(set(seen))
+
+
+def test_text_source_preset_composes_and_a_two_rank_run_logs_text_bpb(tiny_emoji, tiny_kl, tmp_path):
+    """experiment=transfusion_emoji_text mixes the captions in as text-only documents. A tiny 2-rank
+    run of data=emoji_packed_text writes them from the image shards' captions and logs val/text_bpb
+    beside val/caption_bpb, reduced over both ranks."""
+    import csv
+
+    from unifuse.data.shards import shard_counts
+
+    cfg = compose_cfg(["experiment=transfusion_emoji_text"], tmp_path / "preset")
+    assert cfg.data.train.text.shards.split == "train" and cfg.data.train.text.weight == 1.0
+    assert cfg.data.val.text.split == "val" and cfg.data.val.text.out == cfg.data.train.text.shards.out
+    text = tmp_path / "text"
+    over = [o for o in transfusion_overrides(tiny_emoji, tiny_kl) if not o.startswith("data.val=")]
+    run(over + ["data=emoji_packed_text", f"data.build_dir={tiny_emoji}", f"data.train.text.shards.src={tiny_emoji}",
+                f"data.train.text.shards.out={text}", "data.train.text.shards.src_build=null", "trainer=ddp",
+                "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=csv",
+                f"paths.root_dir={tmp_path}", "callbacks.fidelity.enabled=false", "model.retrieval_images=8",
+                "model.retrieval_candidates=4"], tmp_path)  # each rank holds about 11 of the 23 images
+    images = sum(shard_counts([str(p) for p in (tiny_emoji / "val").glob("*.tar")]))
+    assert sum(shard_counts([str(p) for p in (text / "val").glob("*.tar")])) == images  # one per caption
+    rows = list(csv.DictReader(open(next((tmp_path / "outputs").rglob("metrics.csv")))))
+    val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
+    for key in ("val/caption_top1", "val/caption_top1_pmi", "val/caption_exact", "val/caption_f1"):
+        assert 0 <= val[key] <= 1, key
+    assert 0 < val["val/text_bpb"] < 20 and 0 < val["val/caption_bpb"] < 20
+    assert val["val/text_bpb"] != val["val/caption_bpb"]

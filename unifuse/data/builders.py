@@ -7,6 +7,9 @@
   land on the same side and generalisation to unseen names is measurable.
 * ``fashion_mnist``: the standard IDX files from Debian's ``dataset-fashion-mnist`` package or any
   directory; class names as captions plus ``cls``; the 10k test set becomes ``val``.
+* caption text (:func:`caption_text_shards`): the captions of image shards as text-only documents,
+  a text source to mix into a text-to-image model's training (built from the emoji captions on
+  first use by ``data=emoji_packed_text``).
 
 Both build in ``OUT.partial-<host>-<pid>/`` and move ``train/`` and ``val/`` into ``OUT`` when
 done, then write ``OUT/_complete.json``; a build without it was interrupted and is rebuilt.
@@ -219,6 +222,51 @@ def build_fashion_mnist(out: str | Path = "data/fashion_mnist", src: str | None 
             result[split] = w.summary.samples
         st.commit(marker={"dataset": "fashion_mnist", "size": size, "src": str(d), "samples": result})
     return result
+
+
+# ----------------------------------------------------------------------------- caption text
+def build_caption_text(out: str | Path, src: str | Path, shard_size: int = 10_000) -> dict:
+    """Text-only shards of the captions of the image shards in ``src/train`` and ``src/val``:
+    ``out/train`` and ``out/val``, one document (``KEY.txt``) per captioned sample, in shard order,
+    images left out. Each split reads only its own split, so held-out captions stay held out."""
+    from unifuse.data.stream import iter_texts
+
+    counts = {}
+    with Staging(out, ["train", "val"]) as st:
+        for split in ("train", "val"):
+            with ShardWriter(st.path(split), prefix="text", max_samples=shard_size) as w:
+                for i, text in enumerate(iter_texts(str(Path(src) / split))):
+                    w.write(f"{split}{i:06d}", {"txt": text})
+            counts[split] = w.summary.samples
+        st.commit(marker={"dataset": "caption_text", "src": str(src), "samples": counts})
+    return counts
+
+
+def caption_text_shards(out: str | Path, src: str | Path, split: str, src_build: str | None = None,
+                        src_args: dict | None = None) -> str:
+    """The ``split`` directory of :func:`build_caption_text` (what a data config's text source
+    names), built the first time it is asked for, so a fresh clone needs no extra step; when ``src``
+    is an embedded dataset not built yet, ``src_build`` / ``src_args`` build it first. A lock file
+    makes concurrent ranks build it once."""
+    import fcntl
+
+    from unifuse.data.shards import build_complete
+
+    if split not in ("train", "val"):
+        raise ValueError(f"caption text shards have the splits 'train' and 'val', not {split!r}")
+    out = Path(out)
+    if not build_complete(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not build_complete(out):
+                if src_build is not None and not build_complete(src):
+                    if src_build not in BUILDERS:
+                        raise ValueError(f"unknown embedded dataset {src_build!r}; known: {', '.join(BUILDERS)}")
+                    BUILDERS[src_build](out=src, **dict(src_args or {}))
+                log.info("writing the captions of %s as text shards into %s", src, out)
+                build_caption_text(out, src)
+    return str(out / split)
 
 
 # embedded datasets by the name configs give them (data.build)

@@ -44,12 +44,14 @@ class StreamLoader(DataLoader):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Streams training sources mixed by weight and one validation source.
+    """Streams training sources mixed by weight, and the validation split.
 
     Args:
         train: ``{name: {"shards": spec, "weight": w}}``; a spec is a directory, glob, brace
             pattern or list of them.
-        val: shard spec of the validation split (or None).
+        val: shard spec of the validation split (or None); or ``{name: spec}`` for a split of several
+            sources (e.g. image documents and text documents), interleaved in proportion to their
+            sizes so that every rank and every batch reads each of them.
         collator: builds batches (``ImageCollator`` / ``PackingCollator``); its batch size is the
             per-rank batch size.
         val_collator: defaults to a fresh copy of ``collator``.
@@ -59,7 +61,7 @@ class ShardDataModule(L.LightningDataModule):
         name, image_root: the dataset's name and its image shards (``train/``, ``val/``) for evaluation.
     """
 
-    def __init__(self, train: Mapping, collator, val: str | list | None = None, val_collator=None,
+    def __init__(self, train: Mapping, collator, val: str | list | Mapping | None = None, val_collator=None,
                  decode: DecodeConfig | None = None, num_workers: int = 2, mode: str = "epoch",
                  batches_per_epoch: int | None = None, val_batches: int | None = None,
                  shuffle_buffer: int = 1000, seed: int = 0, pin_memory: bool = False,
@@ -85,17 +87,23 @@ class ShardDataModule(L.LightningDataModule):
                 expand_shards(spec["shards"])
             except FileNotFoundError:
                 keys.append(f"data.train.{name}.shards")
-        if self.val_spec:
+        for key, spec in self._val_specs().items():
             try:
-                expand_shards(self.val_spec)
+                expand_shards(spec)
             except FileNotFoundError:
-                keys.append("data.val")
+                keys.append(key)
         return keys
+
+    def _val_specs(self) -> dict:
+        """{config key: shard spec} of the validation sources."""
+        if isinstance(self.val_spec, Mapping):
+            return {f"data.val.{k}": v for k, v in self.val_spec.items() if v is not None}
+        return {"data.val": self.val_spec} if self.val_spec else {}
 
     def _missing_error(self, keys: list[str]) -> FileNotFoundError:
         msgs = []
         for key in keys:
-            if key == "data.val":
+            if key.startswith("data.val"):
                 msgs.append(f"validation shards not found: data.val={self.val_spec!r}. Write a validation split "
                             "(`python -m unifuse.data write pairs ... --out DIR --val-fraction 0.05` writes DIR/train "
                             "and DIR/val), point data.val at one, or set data.val=null to train without validation")
@@ -199,12 +207,15 @@ class ShardDataModule(L.LightningDataModule):
                             position=self._train_position if self.trainer is not None else None)
 
     def val_dataloader(self):
-        if not self.val_spec:
+        specs = self._val_specs()
+        if not specs:
             return []
         rank, world = self._rank()
-        val = self._source("data.val", "val", self.val_spec)
+        sources = [self._source(key, key.rpartition(".")[2], spec) for key, spec in specs.items()]
+        for src in sources:  # weight by size: each sample once an epoch, the sources interleaved
+            src.weight = float(src.total)
         try:
-            stream = ShardStream([val], self.val_collator, self.decode, mode="epoch",
+            stream = ShardStream(sources, self.val_collator, self.decode, mode="epoch",
                                  batches_per_epoch=self.val_batches, shuffle=False, seed=self.seed, rank=rank,
                                  world_size=world)
         except ValueError as e:  # e.g. a validation split smaller than one batch

@@ -1,6 +1,7 @@
 """LightningModule for latent diffusion: a DiT denoiser over the normalised latents of a frozen KL
-autoencoder (encoded on the fly from image batches; the posterior is sampled, as the autoencoder
-was trained), text or class conditioned with caption dropout for guidance. The transport (DDPM or
+autoencoder (encoded on the fly from image batches; in training the posterior is sampled, as the
+autoencoder was trained; validation takes its mean, so its loss moves only with the weights), text or
+class conditioned with caption dropout for guidance. The transport (DDPM or
 flow matching), target and loss weighting are the net's ``diffusion`` config; the loss math is
 :mod:`unifuse.diffusion`'s. EMA weights come from ``callbacks.ema`` (:mod:`unifuse.ema`), as for
 every module."""
@@ -31,9 +32,11 @@ class LatentDiffusionModule(GeneratorModule):
             raise ValueError(f"model.tokenizer_ckpt={self.tokenizer_ckpt} has {tok.latent_channels} latent channels "
                              f"but {self.net.config_key}.latent_channels is {self.net.latent_shape()[0]}")
 
-    def latents(self, batch: dict) -> torch.Tensor:
-        """Normalised latents of a batch: from latent shards (posterior mean and std, sampled here) or
-        encoded from images by the frozen autoencoder."""
+    def latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
+        """Normalised latents of a batch: from latent shards (posterior mean and std) or encoded from
+        images by the frozen autoencoder. ``sample``: a posterior sample (training, drawn from the
+        global generator); else the posterior mean (validation: the same latent every epoch, and no
+        draw from the generator that training uses)."""
         if self.tokenizer is None:
             raise ValueError("latent diffusion needs its autoencoder: set model.tokenizer_ckpt")
         if "latents" in batch:
@@ -44,11 +47,12 @@ class LatentDiffusionModule(GeneratorModule):
                                  f"denoiser takes {want}: re-encode them with model.tokenizer_ckpt, or set "
                                  f"{self.net.config_key}.latent_channels / latent_size to match")
             mean, std = stored[:, :c].float(), stored[:, c:].float()
-            return self.tokenizer.normalise(mean + std * torch.randn_like(std))
+            return self.tokenizer.normalise(mean + std * torch.randn_like(std) if sample else mean)
         x = batch["image"]
         self.tokenizer.to(x.device)
         with torch.no_grad():
-            z = self.tokenizer.normalise(self.tokenizer.posterior(x).sample())
+            q = self.tokenizer.posterior(x)
+            z = self.tokenizer.normalise(q.sample() if sample else q.mean)
         if tuple(z.shape[1:]) != self.net.latent_shape():
             raise ValueError(f"images of {tuple(x.shape[-2:])} give latents {tuple(z.shape[1:])}, but the denoiser "
                              f"takes {self.net.latent_shape()}: set {self.net.config_key}.latent_size to "
@@ -56,7 +60,8 @@ class LatentDiffusionModule(GeneratorModule):
         return z
 
     def _loss(self, batch: dict, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = self.latents(batch)
+        """The diffusion loss; with ``generator`` (validation) at fixed times and noise of the posterior mean."""
+        z = self.latents(batch, sample=generator is None)
         cond = self.net.encode_conditions(self._conds(batch, drop), z.device)
         t = eps = None
         if generator is not None:  # validation: the same times and noise every epoch

@@ -414,12 +414,23 @@ class Transfusion(nn.Module):
         t0 = torch.zeros(b, device=dev)
         return batch, (t0 if isinstance(self.diffusion, FlowMatching) else t0.long())
 
+    def _text_prefix(self, b: int) -> tuple[dict, None]:
+        """``[BOS]`` rows, the start of a document before its caption (no image), as :meth:`_image_prefix`."""
+        dev = self._device()
+        tokens = torch.full((b, 1), self.vocab.bos, device=dev)
+        return {"tokens": tokens, "modality": torch.full_like(tokens, TEXT), "position": torch.zeros_like(tokens),
+                "doc_id": torch.zeros_like(tokens), "image_id": torch.full_like(tokens, -1)}, None
+
     @torch.no_grad()
-    def caption_logprob(self, z: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """(B,) log p(caption, EOS | image) summed over tokens, for row i's latent and caption i."""
-        prefix, t0 = self._image_prefix(z)
-        v, b, dev = self.vocab, len(z), z.device
-        ids = [self.text_ids(c) + [v.eos] for c in captions]
+    def caption_logprob(self, z: torch.Tensor | None, captions: list[str]) -> torch.Tensor:
+        """(B,) log-likelihood of caption i and its end, summed over tokens: after row i's clean
+        latent, ``[BOS] [BOI] image [EOI] caption [EOS]`` (an image-first document); with ``z`` None,
+        with no image, ``[BOS] caption [BOI]`` (a caption-first document, whose caption ends where its
+        image begins). The first minus the second is the pointwise mutual information of caption and image."""
+        v, b = self.vocab, len(captions)
+        prefix, t0 = self._image_prefix(z) if z is not None else self._text_prefix(b)
+        end, dev = (v.eos if z is not None else v.boi), prefix["tokens"].device
+        ids = [self.text_ids(c) + [end] for c in captions]
         m = max(len(r) for r in ids)
         cap = torch.full((b, m), v.pad, device=dev)
         valid = torch.zeros((b, m), dtype=torch.bool, device=dev)
@@ -429,6 +440,7 @@ class Transfusion(nn.Module):
         k = prefix["tokens"].shape[1]
         batch = dict(prefix)
         batch["tokens"] = torch.cat([prefix["tokens"], cap], 1)
+        batch["modality"] = torch.cat([prefix["modality"], torch.full_like(cap, TEXT)], 1)
         batch["position"] = torch.arange(k + m, device=dev).expand(b, -1)
         batch["doc_id"] = torch.cat([prefix["doc_id"], torch.where(valid, 0, -1)], 1)
         batch["image_id"] = torch.cat([prefix["image_id"], torch.full_like(cap, -1)], 1)
