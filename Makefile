@@ -53,6 +53,7 @@ bench: setup data  ## run the benchmarks under experiments/bench and print their
 	$(BIN)/python experiments/bench/streams.py
 	$(BIN)/python experiments/bench/diffusion.py
 	$(BIN)/python experiments/bench/scale.py
+	$(BIN)/python experiments/bench/mfu.py
 	$(BIN)/python -m pip install -q -e '.[bench]' && $(BIN)/python experiments/bench/transfusion.py
 
 lint: setup  ## ruff

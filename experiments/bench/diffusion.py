@@ -1,8 +1,9 @@
 """Latent-diffusion figures, each against a baseline timed in the same run:
 
-1. DiT training step at width 384 (joint text + 16x16 patches): achieved FLOP/s (counted by
-   torch's FlopCounterMode) against this machine's GEMM peak on the model's own MLP shape
-   (target MFU >= 70%).
+1. DiT float32 training step at width 384 (joint text + 16x16 patches): achieved FLOP/s (counted
+   by torch's FlopCounterMode) against this machine's float32 peak (``unifuse.perf``: the best
+   GEMM rate of a few shapes). The emoji-sized DiT beside the other generators, in the dtype the
+   presets train in: ``experiments/bench/mfu.py``.
 2. Sampling 16 images with classifier-free guidance: cond + uncond as one batched forward (what
    ``Guidance`` does) vs two separate forwards per step (target >= 1.6x).
 3. DDIM 50 steps vs DDPM 1000 steps: wall-time ratio for the same 16 images.
@@ -26,6 +27,7 @@ from unifuse.diffusion import Guidance, make_sampler
 from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.dit import DiT, DiTConfig
 from unifuse.models.kl_autoencoder import KLAutoencoder
+from unifuse.perf import cpu_peak_flops
 
 
 def timed(fn, reps: int = 1, warmup: bool = True) -> float:
@@ -66,13 +68,10 @@ def mfu(width: int, layers: int, batch: int, steps: int) -> None:
     flops = counter.get_total_flops()  # forward + backward as executed
     dt = timed(step, steps)
     seq = (32 // 2) ** 2 + cond["text_tokens"].shape[1]
-    hidden = net.tcfg.hidden
-    a, w = torch.randn(batch * seq, width), torch.randn(width, 2 * hidden)
-    g = timed(lambda: a @ w, 20)
-    peak = 2 * a.shape[0] * width * w.shape[1] / g
-    print(f"[1] DiT training width {width}, {layers} layers, batch {batch} x ({seq} tokens): {batch / dt:.1f} "
-          f"samples/s, {flops / dt / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s GEMM peak -> "
-          f"MFU {100 * flops / dt / peak:.0f}% (target >= 70%)")
+    peak, source = cpu_peak_flops(torch.float32)
+    print(f"[1] DiT training width {width}, {layers} layers, batch {batch} x ({seq} tokens), float32: {batch / dt:.1f} "
+          f"samples/s, {flops / dt / 1e9:.1f} GFLOP/s of {peak / 1e9:.1f} GFLOP/s ({source}) -> "
+          f"MFU {100 * flops / dt / peak:.0f}%")
 
 
 def guidance_and_samplers(width: int, layers: int, n: int, quick: bool) -> None:

@@ -3,8 +3,9 @@
 1. AR sampling of 256 image tokens (16x16) for 8 prompts with CFG (16 rows), width 256, 4 layers:
    KV cache vs the naive loop that reruns the whole prefix for every token (target >= 20x,
    identical tokens).
-2. Training throughput (tokens/s) and MFU at width 512 against this machine's matmul peak,
-   measured as a GEMM of the model's own shapes in this run (target >= 60%).
+2. Training throughput (tokens/s) and MFU at width 512 in float32 against this machine's float32
+   peak (``unifuse.perf``: the best GEMM rate of a few shapes, measured in this run). The four
+   generators side by side, in the dtype the presets train in: ``experiments/bench/mfu.py``.
 3. MaskGIT (K=8) vs AR sampling time for the same image size, for a batch of 8 prompts (throughput-
    bound on CPU: MaskGIT does K full passes) and for one prompt (latency-bound).
 
@@ -21,6 +22,7 @@ import torch
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.transformer import Transformer, TransformerConfig
+from unifuse.perf import cpu_peak_flops
 from unifuse.text.vocab import VocabLayout
 
 
@@ -72,14 +74,9 @@ def mfu(width: int, layers: int, seq: int, batch: int, steps: int) -> None:
     _, dt = timed(lambda: [step() for _ in range(steps)])
     tok_s = batch * seq * steps / dt
     achieved = m.flops_per_token(seq) * tok_s
-    # the machine's matmul peak on this model's own GEMM shapes (MLP up-projection, forward-sized)
-    a, w = torch.randn(batch * seq, width), torch.randn(width, 2 * cfg.hidden)
-    (a @ w)
-    _, g = timed(lambda: [a @ w for _ in range(20)])
-    peak = 2 * a.shape[0] * width * w.shape[1] * 20 / g
-    print(f"[2] training width {width}, {layers} layers, seq {seq}, batch {batch}: {tok_s:.0f} tokens/s, "
-          f"{achieved / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s GEMM peak -> "
-          f"MFU {100 * achieved / peak:.0f}% (target >= 60%)")
+    peak, source = cpu_peak_flops(torch.float32)
+    print(f"[2] training width {width}, {layers} layers, seq {seq}, batch {batch}, float32: {tok_s:.0f} tokens/s, "
+          f"{achieved / 1e9:.1f} GFLOP/s of {peak / 1e9:.1f} GFLOP/s ({source}) -> MFU {100 * achieved / peak:.0f}%")
 
 
 def main() -> None:

@@ -13,9 +13,10 @@
    CPU, ``attend(impl="flex")`` vs ``attend(impl="dense")``, each in a fresh subprocess (target
    flex/dense <= 0.25). Also shown: flex with a ``torch.compile``d kernel (``attend`` runs the
    eager reference on CPU, which materialises the scores).
-4. MFU of our training step at width 512 (4 layers, 8 heads, same batch): FLOPs counted by
-   FlopCounterMode on the forward (x3) against this machine's GEMM rate on the model's MLP shape,
-   measured in the same run (target >= 75%).
+4. MFU of our float32 training step at width 512 (4 layers, 8 heads, same batch): FLOPs counted
+   by FlopCounterMode on the forward (x3) against this machine's float32 peak (``unifuse.perf``:
+   the best GEMM rate of a few shapes, measured in this run). The four generators side by side, in
+   the dtype the presets train in: ``experiments/bench/mfu.py``.
 
     python experiments/bench/transfusion.py [--quick]
 """
@@ -43,22 +44,24 @@ from unifuse.models import attention
 from unifuse.models.attention import MaskSpec, attend
 from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.models.transfusion import Transfusion, TransfusionConfig
+from unifuse.perf import cpu_peak_flops
 
 PROMPT = "twemoji grinning face with big eyes"
 SEQ = 132  # BOS + 64 text + BOI + 64 image + EOI + EOS: one document per row
 
 
-def timed(fns: dict, reps: int, warmup: bool = True) -> dict[str, float]:
-    """Median seconds per call of each fn, the fns interleaved rep by rep (the machine is noisy)."""
+def timed(fns: dict, reps: int, warmup: bool = True, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each fn, the fns interleaved rep by rep (the machine is noisy),
+    on ``clock`` (e.g. ``time.process_time``: CPU seconds, which other processes do not inflate)."""
     if warmup:
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -214,13 +217,10 @@ def mfu(reps: int, width: int = 512, heads: int = 8) -> None:
     with counter:
         model.loss(batch, z)
     flops = 3 * counter.get_total_flops()  # forward + backward (2x forward)
-    hidden = model.net.cfg.hidden
-    a, w = torch.randn(batch["tokens"].numel(), width), torch.randn(width, 2 * hidden)
-    t = timed({"step": step, "gemm": lambda: [a @ w for _ in range(20)]}, reps)
-    peak = 2 * a.shape[0] * width * w.shape[1] * 20 / t["gemm"]
-    print(f"[4] training width {width}, 4 layers, batch 8 x {SEQ} positions: {t['step'] * 1e3:.0f} ms/step, "
-          f"{flops / t['step'] / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s GEMM rate "
-          f"({a.shape[0]}x{width} @ {width}x{w.shape[1]}) -> MFU {100 * flops / t['step'] / peak:.0f}% (target >= 75%)")
+    t = timed({"step": step}, reps)["step"]
+    peak, source = cpu_peak_flops(torch.float32)
+    print(f"[4] training width {width}, 4 layers, batch 8 x {SEQ} positions, float32: {t * 1e3:.0f} ms/step, "
+          f"{flops / t / 1e9:.1f} GFLOP/s of {peak / 1e9:.1f} GFLOP/s ({source}) -> MFU {100 * flops / t / peak:.0f}%")
 
 
 def main() -> None:
