@@ -47,7 +47,8 @@ def compute_dtype(precision) -> torch.dtype:
 
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = CPU_GEMM_SECONDS) -> float:
     """FLOP/s of the fastest (m, k) @ (k, n) product in ``dtype`` over ``seconds`` of calls, on CPU."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the run's random stream
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
     a @ b  # first call: allocation and kernel selection
     best, start = math.inf, time.perf_counter()
     while True:

@@ -23,6 +23,7 @@ from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
+from unifuse.resume import _as_tuples
 from unifuse.text.tokenizer import ByteTokenizer
 
 
@@ -100,8 +101,21 @@ class GeneratorModule(UnifuseModule):
         return self.pipeline_class(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
 
     def _conds(self, batch: dict, drop: float) -> list:
+        """The batch's conditions, each dropped (None) with probability ``drop``. With ``drop`` 0
+        (validation) nothing is drawn, so how much validation ran does not move training's draws."""
         raw = batch["caption"] if self.cond == "text" else batch["cls"].tolist()
+        if drop <= 0:
+            return list(raw)
         return [None if self._rng.random() < drop else c for c in raw]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["caption_dropout_rng"] = self._rng.getstate()  # a resumed run drops the same captions
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("caption_dropout_rng")
+        if state is not None:
+            self._rng.setstate(_as_tuples(state))
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict:
@@ -131,6 +145,7 @@ class TokenGeneratorModule(GeneratorModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: the stored vocabulary layout must be the configured one (ids mean the same)."""
+        super().on_load_checkpoint(checkpoint)
         stored = (checkpoint.get("unifuse") or {}).get("config", {}).get("vocab")
         if stored:
             self.net.vocab.check_compatible(stored, "checkpoint being resumed")
