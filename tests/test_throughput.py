@@ -97,3 +97,15 @@ def test_slow_cpu_dtype_stops_before_shapes_that_take_too_long(fake_gemms):
 def test_cpu_gemm_rate_is_real():
     rate = perf.gemm_rate(256, 256, 256, torch.float32, seconds=0.01)
     assert 1e8 < rate < 1e14  # a real product on this CPU: between 0.1 GFLOP/s and 100 TFLOP/s
+
+
+def test_measuring_the_cpu_peak_leaves_the_run_random_stream_alone():
+    """The peak is measured when training starts, after a resumed run has restored its generators:
+    a draw from the global generator there would give the resumed run other noise than the run it
+    continues (and an unresumed run other numbers than before the measurement existed)."""
+    from unifuse.perf import gemm_rate
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    gemm_rate(64, 64, 64, torch.float32, seconds=0.0)
+    assert torch.equal(torch.get_rng_state(), before)
