@@ -210,3 +210,33 @@ def test_two_validation_passes_of_the_same_weights_log_the_same_loss(tiny_emoji,
 
     first, second = validate_twice(ldm_overrides(tiny_emoji, tiny_kl), tmp_path)
     assert "val/loss" in first and first == second
+
+
+def test_caption_dropout_resumes_where_it_stopped_and_validation_draws_none():
+    """The caption-dropout stream of a generator module is part of the run: a module restored from a
+    checkpoint drops the captions the uninterrupted one would have dropped, and validation (drop 0)
+    does not move it (else training's drops would depend on how much validation ran)."""
+    import io
+
+    from unifuse.lit.ldm import LatentDiffusionModule
+
+    batch = {"caption": [f"caption {i}" for i in range(64)]}
+    run = LatentDiffusionModule(tiny_dit(), p_uncond=0.5, seed=7)
+    for _ in range(3):
+        run._conds(batch, 0.5)
+    assert run._conds(batch, 0.0) == batch["caption"]  # validation: every caption ...
+    without_val = LatentDiffusionModule(tiny_dit(), p_uncond=0.5, seed=7)
+    for _ in range(3):
+        without_val._conds(batch, 0.5)
+    assert run._rng.getstate() == without_val._rng.getstate()  # ... and nothing drawn
+    ckpt = {}
+    run.on_save_checkpoint(ckpt)
+    buf = io.BytesIO()
+    torch.save({"caption_dropout_rng": ckpt["caption_dropout_rng"]}, buf)  # checkpoints load weights_only
+    buf.seek(0)
+    resumed = LatentDiffusionModule(tiny_dit(), p_uncond=0.5, seed=7)
+    resumed.on_load_checkpoint(torch.load(buf, weights_only=True))
+    expected = [run._conds(batch, 0.5) for _ in range(2)]
+    assert [resumed._conds(batch, 0.5) for _ in range(2)] == expected
+    fresh = LatentDiffusionModule(tiny_dit(), p_uncond=0.5, seed=7)
+    assert fresh._conds(batch, 0.5) != expected[0]  # the stream had moved: a restart from the seed differs
