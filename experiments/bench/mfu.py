@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 from transfusion import timed, train_step  # this directory's Transfusion bench: the shared harness
 
 from unifuse.config import compose_app, native_bf16_precision
 from unifuse.data.samples import Sample
 from unifuse.data.stream import iter_texts
 from unifuse.models.pixels import PixelSpace
+from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.perf import compute_dtype, cpu_peak_flops, measure_cpu_peak
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: data/ and conf/ under it
@@ -90,7 +92,7 @@ def build(name: str, args, captions: list[str]) -> dict:
             return module.training_step(batch, 0)
 
     params = sum(p.numel() for p in module.parameters()) / 1e6
-    return {"module": module, "batch": batch, "step": train_step(module, loss), "preset": preset,
+    return {"module": module, "batch": batch, "loss": loss, "step": train_step(module, loss), "preset": preset,
             "preset_precision": cfg.trainer.precision, "flops": module.flops_per_batch(batch), "params": params}
 
 
@@ -100,6 +102,35 @@ def describe(batch: dict) -> str:
         docs = int((batch["doc_id"].amax(1) + 1).sum())
         return f"{b}x{length} positions, {docs} docs, {100 * float((batch['doc_id'] < 0).float().mean()):.0f}% pad"
     return f"{len(batch['latents'])} latents {'x'.join(map(str, batch['latents'].shape[1:]))}"
+
+
+def counted_flops(loss_fn) -> float:
+    """FLOPs of one forward + backward as torch's FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn().backward()
+    return float(counter.get_total_flops())
+
+
+def dit_backbone(dit: dict, args) -> dict:
+    """A bare backbone for the DiT row: the shared Transformer at the DiT's width, depth, heads and
+    QK-norm, without adaLN, caption encoder or patch layers, over the same positions (caption +
+    patches) and padding mask, stepped the same way. Both get FlopCounterMode's count, so that the
+    ratio of their times per FLOP shows what the DiT's own parts cost."""
+    net = dit["module"].net
+    text_doc = net.encode_conditions(dit["batch"]["caption"], "cpu")["text_doc"]
+    doc = torch.cat([text_doc, torch.zeros(len(text_doc), net.cfg.grid**2, dtype=torch.long)], 1)
+    torch.manual_seed(0)
+    bare = Transformer(TransformerConfig(vocab_size=1, dim=net.cfg.dim, n_layers=net.cfg.n_layers,
+                                         n_heads=net.cfg.n_heads, qk_norm=net.cfg.qk_norm, rope_2d=True, lm_head=False))
+    x = torch.randn(*doc.shape, net.cfg.dim)
+
+    def loss():
+        with torch.autocast("cpu", dtype=compute_dtype(args.precision), enabled=args.precision.endswith("-mixed")):
+            return bare.forward_hidden(x, causal=False, doc_id=doc).float().pow(2).mean()
+
+    dit["counted"] = counted_flops(dit["loss"])
+    return {"step": train_step(bare, loss), "counted": counted_flops(loss), "shape": tuple(doc.shape)}
 
 
 def top_ops(step, n: int, steps: int = 2) -> tuple[list[str], float, int]:
@@ -128,7 +159,7 @@ def table(models: dict, seconds: dict, peak: float) -> None:
 
 
 def measure(models: dict, args, dtype: torch.dtype) -> tuple[dict, float]:
-    """(median seconds per step of each model, the median peak), the peak measured between the
+    """(median seconds per step of each entry, the median peak), the peak measured between the
     steps rep by rep, under the same load as they are. Prints the peak and the CPU share."""
     peaks = []
     steps = {name: m["step"] for name, m in models.items()}
@@ -180,7 +211,14 @@ def main() -> None:
     captions = list(iter_texts(str(ROOT / "data/emoji32/val")))
     random.Random(0).shuffle(captions)
     models = {name: build(name, args, captions) for name in PRESETS}
-    table(models, *measure(models, args, dtype))
+    bare = dit_backbone(models["DiT"], args)
+    t, peak = measure({**models, "bare": bare}, args, dtype)
+    table(models, t, peak)
+    dit = models["DiT"]
+    print(f"\nDiT against a bare backbone over the same {bare['shape'][0]} x {bare['shape'][1]} positions and mask "
+          f"(no adaLN, caption encoder or patch layers; FLOPs by FlopCounterMode on both): {t['DiT'] * 1e3:.0f} ms "
+          f"for {dit['counted'] / 1e9:.1f} GFLOP vs {t['bare'] * 1e3:.0f} ms for {bare['counted'] / 1e9:.1f} GFLOP: "
+          f"{t['DiT'] / dit['counted'] / (t['bare'] / bare['counted']):.2f}x the backbone's time per FLOP")
     for name, m in models.items():
         lines, matmul, calls = top_ops(m["step"], args.top)
         print(f"\n{name}: {calls} aten operators a step ({m['flops'] / calls / 1e6:.0f} MFLOP each on average), "
