@@ -29,6 +29,46 @@ def tiny_emoji(tmp_path_factory) -> Path:
     return out
 
 
+def write_uneven_shards(out: Path, sizes=(40, 47, 54), n_val: int = 16, size: int = 16) -> Path:
+    """A user's own shards as they often are: training shards of unequal lengths (``sizes``) in
+    ``out/train``, ``n_val`` samples in ``out/val``; captioned ``size``-pixel images of a coloured box on
+    a coloured ground, every one different. Written with the project's shard writer."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from unifuse.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+
+    def sample(i: int) -> dict:
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = rng.integers(0, 256, 3)
+        y, x = rng.integers(0, size // 2, 2)
+        img[y:y + size // 2, x:x + size // 2] = rng.integers(0, 256, 3)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        return {"png": buf.getvalue(), "txt": f"a box, picture {i}"}
+
+    start = 0
+    for part, n in enumerate(sizes):  # one writer per shard: each closes its shard at its own length
+        with ShardWriter(out / "train", prefix=f"part{part}") as w:
+            for i in range(start, start + n):
+                w.write(f"img{i:04d}", sample(i))
+        start += n
+    with ShardWriter(out / "val", prefix="val") as w:
+        for i in range(start, start + n_val):
+            w.write(f"img{i:04d}", sample(i))
+    return out
+
+
+@pytest.fixture(scope="session")
+def uneven_shards(tmp_path_factory) -> Path:
+    """Shards of 40, 47 and 54 training images and 16 validation ones (``write_uneven_shards``)."""
+    return write_uneven_shards(tmp_path_factory.mktemp("uneven"))
+
+
 def compose_cfg(overrides: list[str], out_dir: Path, data_dir: Path | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -300,7 +300,7 @@ def test_constructor_checks_and_defaults(tmp_path: Path, monkeypatch):
     import unifuse.data.stream as st
 
     a = coded_source(tmp_path, "a", 12)
-    with pytest.raises(ValueError, match="data mode must be 'epoch' or 'resampled', not 'bogus'"):
+    with pytest.raises(ValueError, match="data mode must be 'epoch', 'resampled' or 'once', not 'bogus'"):
         ShardStream([a], ImageCollator(4), mode="bogus")
     with pytest.raises(ValueError, match="^no data sources given$"):
         ShardStream([], ImageCollator(4))

@@ -1,7 +1,11 @@
-"""Exact resume, atomic checkpoints and preemption, the way a cluster does it to a run: training
-subprocesses killed with SIGKILL (in the middle of writing a checkpoint), stopped with SIGTERM or
-SLURM's SIGUSR1, and resumed with ``ckpt_path=last`` / ``auto``; the losses of every step, on every
-rank, must be those of the run that was never interrupted."""
+"""Exact resume, atomic checkpoints and preemption, the way a cluster and a user do it to a run:
+training subprocesses killed with SIGKILL (in the middle of writing a checkpoint), stopped with SIGTERM
+or SLURM's SIGUSR1, stopped by ``trainer.max_epochs`` / ``trainer.max_steps`` and continued by a longer
+run, all resumed with ``ckpt_path=last`` / ``auto``; the batches and losses of every step, on every
+rank, must be those of the run that was never interrupted. The runs train epochs of a user's own
+uneven shards (``trainer.max_epochs``, not ``max_steps`` alone: with epochs, ``configure_optimizers``
+plans the LR schedule from the train loader's length, and Lightning builds that loader before it
+restores the checkpoint)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT, kl_overrides
+from tests.conftest import ROOT, compose_cfg
 from unifuse.checkpoint_io import AtomicCheckpointIO
 from unifuse.preemption import EXIT_PREEMPTED
 from unifuse.resume import complete_checkpoints, resolve_ckpt_path
@@ -68,19 +72,32 @@ class SlowSaveIO(AtomicCheckpointIO):
 
 
 # ----------------------------------------------------------------------------- running them
-def overrides(data: Path, root: Path, world: int, steps: int) -> list[str]:
-    over = [o for o in kl_overrides(data) if not o.startswith(("paths.data_dir", "data.num_workers"))]
-    return over + [
-        f"paths.root_dir={root}", "logger=none", "callbacks.fidelity=null", "callbacks.images=null",
-        "callbacks.throughput=null", "callbacks.data_stats=null", f"data.num_workers={3 - world}",
-        "data.batches_per_epoch=4", f"+trainer.max_steps={steps}", "trainer.max_epochs=-1",
-        "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false",
-        "callbacks.model_checkpoint=null",  # the best-by-val/loss file: not needed here
-        "callbacks.ema.update_starting_at_step=2", "callbacks.ema.decay=0.5",  # an EMA that moves
+def overrides(shards: Path, root: Path, world: int) -> list[str]:
+    """The tiny KL autoencoder on ``shards`` (``write_uneven_shards``) in epochs of 4 batches per rank
+    (``trainer.max_epochs`` is the caller's), with an EMA that moves and every step logged by StepLog."""
+    return [*shard_overrides(shards, 3 - world),
+            f"paths.root_dir={root}", "data.batches_per_epoch=4", "+trainer.enable_model_summary=false",
+            "callbacks.ema.update_starting_at_step=2", "callbacks.ema.decay=0.5",  # an EMA that moves
+            # last.ckpt after every epoch's last step (1 rank), at every epoch's end (2 ranks, the default):
+            # Lightning resumes from the two differently
+            *(["+callbacks.last_checkpoint.every_n_train_steps=4"] if world == 1
+              else ["trainer=ddp", "trainer.devices=2"])]
+
+
+def shard_overrides(shards: Path, workers: int) -> list[str]:
+    """A user's run of ``data=shards`` with the tiny KL autoencoder (16x16 images, batches of 8) and the
+    default callbacks (throughput, data stats, image grids, ...), its training steps logged by StepLog;
+    no logger, progress bar, online FID or best-by-val/loss checkpoint."""
+    return [
+        "model=kl_autoencoder", "data=shards", f"data.train.main.shards={shards}/train", f"data.val={shards}/val",
+        "data.decode.image_size=16", "data.collator.batch_size=8", f"data.num_workers={workers}",
+        "model.net.autoencoder.channels=8", "model.net.autoencoder.ch_mult=[1,2]", "model.net.latent_channels=4",
+        "model.latent_stats_images=32", "logger=none", "callbacks.progress=null", "callbacks.fidelity=null",
+        "callbacks.model_checkpoint=null",
+        # the learning rate warms up over the first 100 steps, more than any run here trains: the cosine
+        # horizon each launch plans from its own max_epochs / max_steps does not change a step's rate
+        "model.scheduler.warmup_steps=100",
         "+callbacks.steps._target_=tests.test_resume.StepLog", "+callbacks.steps.out=${paths.output_dir}",
-        # last.ckpt after every epoch's last step (1 rank), after every epoch's validation (2 ranks, the
-        # default): Lightning resumes from the two differently
-        *(["+callbacks.last_checkpoint.every_n_train_steps=4"] if world == 1 else ["trainer=ddp", "trainer.devices=2"]),
     ]
 
 
@@ -144,16 +161,17 @@ def step_of(ckpt: Path) -> int:
 
 # ----------------------------------------------------------------------------- the golden-loss chain
 @pytest.mark.parametrize("world", [1, 2], ids=["1rank", "2ranks_ddp"])
-@pytest.mark.timeout(1200)  # 8 training processes; about 2 min on an idle 2-core machine, far more on a busy one
-def test_killed_mid_save_then_signalled_run_matches_the_uninterrupted_one(tmp_path, tiny_emoji, world):
-    """One run interrupted three ways against one that never was (3 epochs of 4 steps, last.ckpt at the
-    end of each): SIGKILL while the checkpoint of step 8 is half-written; ``ckpt_path=last`` resumes from
-    step 4 (the complete file, not the half-written one) and gets signals at step 11 (1 rank: SIGUSR1 and
-    SIGTERM to every process, data workers included, as SLURM sends them, with SLURM's requeue; 2 ranks:
-    SIGTERM to rank 0 alone); it saves last.ckpt at step 11 and exits 75; ``ckpt_path=auto`` runs it to
-    the end."""
-    n = 12
-    args = overrides(tiny_emoji, tmp_path, world, n)
+@pytest.mark.timeout(1200)  # 10 training processes; about 2.5 min on an idle 2-core machine, far more on a busy one
+def test_killed_mid_save_then_signalled_run_matches_the_uninterrupted_one(tmp_path, uneven_shards, world):
+    """One run interrupted four ways against one that never was (4 epochs of 4 steps, last.ckpt at the
+    end of each; 2 data workers per rank with 1 rank, 1 with 2): SIGKILL while the checkpoint of step 8 is
+    half-written; ``ckpt_path=last`` resumes from step 4 (the complete file, not the half-written one) and
+    gets signals at step 11 (1 rank: SIGUSR1 and SIGTERM to every process, data workers included, as SLURM
+    sends them, with SLURM's requeue; 2 ranks: SIGTERM to rank 0 alone); it saves last.ckpt at step 11 and
+    exits 75; ``ckpt_path=auto`` goes on until ``trainer.max_steps=14`` stops it inside epoch 4; a run
+    without it takes it to the end."""
+    n = 16
+    args = [*overrides(uneven_shards, tmp_path, world), "trainer.max_epochs=4"]
     base_dir, run_dir = tmp_path / "outputs" / "runs" / "base", tmp_path / "outputs" / "runs" / "chain"
     ckpts, logf = run_dir / "checkpoints", tmp_path / "chain.log"
 
@@ -196,10 +214,15 @@ def test_killed_mid_save_then_signalled_run_matches_the_uninterrupted_one(tmp_pa
     if world == 1:
         assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
 
-    # 3. the requeued job: ckpt_path=auto finds last.ckpt and runs to the end
-    proc = start([*args, "ckpt_path=auto"], "chain", logf)
+    # 3. the requeued job: ckpt_path=auto finds last.ckpt; it stops at max_steps in the middle of epoch 4
+    proc = start([*args, "ckpt_path=auto", "+trainer.max_steps=14"], "chain", logf)
     finish(proc, logf)
-    assert rank0_steps_of(run_dir, proc.pid)[0] == done[-1] + 1
+    assert rank0_steps_of(run_dir, proc.pid) == [12, 13, 14] and step_of(ckpts / "last.ckpt") == 14
+
+    # 4. and a longer run takes it to the end
+    proc = start([*args, "ckpt_path=last"], "chain", logf)
+    finish(proc, logf)
+    assert rank0_steps_of(run_dir, proc.pid) == [15, 16]
 
     got, want = steps(run_dir, world), steps(base_dir, world)
     for r in range(world):
@@ -222,6 +245,41 @@ def test_killed_mid_save_then_signalled_run_matches_the_uninterrupted_one(tmp_pa
     moments = [(p, k) for p, st in a["optimizer_states"][0]["state"].items() for k in st
                if not torch.allclose(st[k].double(), b["optimizer_states"][0]["state"][p][k].double(), atol=1e-6)]
     assert not moments, f"optimizer state differs: {moments}"
+
+
+# ----------------------------------------------------------------------------- a user's stops, in-process
+def step_records(run_dir: Path) -> list[dict]:
+    """Every step record of a run's launches, in the order they were trained."""
+    return [json.loads(line) for line in (run_dir / "steps_rank0.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_stopped_runs_continued_longer_train_what_the_uninterrupted_one_did(tmp_path, uneven_shards, workers):
+    """A user's run on uneven shards (40, 47, 54 samples; 5 batches an epoch, 3 epochs), stopped twice the
+    ordinary way and each time continued by a longer run with ``ckpt_path=last``: ``trainer.max_epochs=1``
+    (stops at the end of epoch 1; last.ckpt is the default one of the epoch's end), then
+    ``trainer.max_epochs=3 trainer.max_steps=8`` (stops in the middle of epoch 2), then
+    ``trainer.max_epochs=3``. Each step is trained once, on the batch and with the loss of the run that
+    trained the 3 epochs in one go."""
+    from unifuse.train import train
+
+    def fit(out: Path, *extra: str) -> None:
+        out.mkdir(exist_ok=True)
+        train(compose_cfg([*shard_overrides(uneven_shards, workers), "data.batches_per_epoch=5", *extra], out))
+
+    fit(tmp_path / "base", "trainer.max_epochs=3")
+    run = tmp_path / "run"
+    fit(run, "trainer.max_epochs=1")
+    assert step_of(run / "checkpoints" / "last.ckpt") == 5
+    fit(run, "trainer.max_epochs=3", "+trainer.max_steps=8", "ckpt_path=last")
+    assert step_of(run / "checkpoints" / "last.ckpt") == 8
+    fit(run, "trainer.max_epochs=3", "ckpt_path=last")
+
+    got, want = step_records(run), step_records(tmp_path / "base")
+    assert [s["step"] for s in got] == [s["step"] for s in want] == list(range(1, 16)), "steps repeated or skipped"
+    for g, w in zip(got, want):
+        assert (g["epoch"], g["keys"]) == (w["epoch"], w["keys"]), f"step {g['step']} trained on other samples"
+        assert abs(g["loss"] - w["loss"]) <= 1e-6, f"step {g['step']}: loss {g['loss']} != {w['loss']}"
 
 
 # ----------------------------------------------------------------------------- the pieces, in-process
@@ -258,6 +316,24 @@ def test_stream_resumed_at_any_batch_gives_the_rest_of_the_epoch_in_order(tiny_e
     s.resume_at(1, 5)
     list(s)  # the resume applies to one epoch: the next is whole
     assert [b["key"] for b in s] == _batches(_stream(tiny_emoji, ImageCollator(8), 2), 0, "key")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_starts_where_the_fit_loop_stands_at_its_first_batch(tiny_emoji, workers):
+    """Lightning builds and iterates the train loader before it restores a checkpoint's loops when
+    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches``: the loader must take its
+    start (epoch 1 after 5 batches) from the fit loop when the first batch is asked for, not before."""
+    from unifuse.data.collate import ImageCollator
+    from unifuse.data.datamodule import StreamLoader
+
+    full = _batches(_stream(tiny_emoji, ImageCollator(8), 1), workers, "key")
+    position = [(0, 0)]
+    loader = StreamLoader(_stream(tiny_emoji, ImageCollator(8), 0), position=lambda: position[0], batch_size=None,
+                          num_workers=workers)
+    batches = iter(loader)
+    position[0] = (1, 5)  # the checkpoint's loops, restored after iter()
+    assert [b["key"] for b in batches] == full[5:]
+    assert [b["key"] for b in loader] == full[5:], "the next iteration starts there again"
 
 
 def test_packed_stream_resumes_with_the_same_rows(tiny_emoji):
@@ -353,14 +429,13 @@ class SignalSelf(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def test_signal_saves_the_step_and_exits_75_then_handlers_are_put_back(tiny_emoji, tmp_path):
+def test_signal_saves_the_step_and_exits_75_then_handlers_are_put_back(uneven_shards, tmp_path):
     """In-process: SIGUSR1 during step 2 -> last.ckpt of step 2, SystemExit(75); afterwards the process's
     own SIGTERM / SIGUSR1 handlers are back (a later fit or a kill is not swallowed)."""
-    from tests.conftest import compose_cfg
     from unifuse.train import train
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    over = [o for o in overrides(tiny_emoji, tmp_path, 1, 6) if "callbacks.steps" not in o]
+    over = [o for o in overrides(uneven_shards, tmp_path, 1) if "callbacks.steps" not in o] + ["trainer.max_epochs=2"]
     cfg = compose_cfg([*over, "data.num_workers=0", "+callbacks.kill._target_=tests.test_resume.SignalSelf",
                        "+callbacks.kill.at=2", f"+callbacks.kill.signum={int(signal.SIGUSR1)}"], tmp_path)
     with pytest.raises(SystemExit) as exit_:

@@ -632,4 +632,6 @@ def test_text_source_preset_composes_and_a_two_rank_run_logs_text_bpb(tiny_emoji
     for key in ("val/caption_top1", "val/caption_top1_pmi", "val/caption_exact", "val/caption_f1"):
         assert 0 <= val[key] <= 1, key
     assert 0 < val["val/text_bpb"] < 20 and 0 < val["val/caption_bpb"] < 20
-    assert val["val/text_bpb"] != val["val/caption_bpb"]
+    # the text source is the image split's captions and validation reads every document of both once:
+    # the same captions after the same [BOS], so the same bits per byte
+    assert val["val/text_bpb"] == pytest.approx(val["val/caption_bpb"], rel=1e-5)

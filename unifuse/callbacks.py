@@ -65,39 +65,43 @@ class ImageLogger(L.Callback):
 
 class DataStatsCallback(L.Callback):
     """Sums the ``data_stats`` counters that batches carry (skipped samples by reason, conversions,
-    refills), over workers and ranks, and logs them at the end of each epoch."""
+    refills), over workers and ranks, for each split apart, and logs them at the end of its epoch:
+    ``data (train, epoch N)`` / ``data/<reason>`` for the training stream, ``data (val, epoch N)`` /
+    ``data/val/<reason>`` for validation (which runs inside the training epoch, before its end)."""
 
     def __init__(self):
-        self.counts: Counter = Counter()
-        self.total: Counter = Counter()
+        self.counts = {"train": Counter(), "val": Counter()}
+        self.total = {"train": Counter(), "val": Counter()}
 
-    def _add(self, batch) -> None:
+    def _add(self, split: str, batch) -> None:
         if isinstance(batch, dict) and batch.get("data_stats"):
-            self.counts.update(batch["data_stats"])
+            self.counts[split].update(batch["data_stats"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._add(batch)
+        self._add("train", batch)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._add(batch)
+        self._add("val", batch)
 
     def _flush(self, trainer, pl_module, split: str) -> None:
-        counts = self.counts
+        counts = self.counts[split]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, dict(counts))
             counts = Counter()
             for g in gathered:
                 counts.update(g)
-        self.counts = Counter()
+        self.counts[split] = Counter()
         if not counts:
             return
-        self.total.update(counts)
+        self.total[split].update(counts)
         if trainer.is_global_zero:
             log.info("data (%s, epoch %d): %s", split, trainer.current_epoch,
                      ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            prefix = "data/" if split == "train" else f"data/{split}/"
             for lg in trainer.loggers:
-                lg.log_metrics({f"data/{k}": float(v) for k, v in self.total.items()}, step=trainer.global_step)
+                lg.log_metrics({f"{prefix}{k}": float(v) for k, v in self.total[split].items()},
+                               step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._flush(trainer, pl_module, "train")
@@ -106,7 +110,7 @@ class DataStatsCallback(L.Callback):
         if not trainer.sanity_checking:
             self._flush(trainer, pl_module, "val")
         else:
-            self.counts = Counter()
+            self.counts["val"] = Counter()
 
 
 class StepThroughput(L.Callback):
@@ -135,7 +139,10 @@ class StepThroughput(L.Callback):
 
         if self.flops_per_sample is None and hasattr(pl_module, "flops_per_batch"):
             n = _batch_size(batch)
-            self.flops_per_sample = pl_module.flops_per_batch(batch) / max(1, n)
+            # on the first batch of each process, so also on the first one a resumed run trains: a
+            # forward that samples (a KL posterior, noise levels) must not move the run's random stream
+            with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                self.flops_per_sample = pl_module.flops_per_batch(batch) / max(1, n)
         if self._t0 is None:
             self._t0, self._n, self._tokens = time.perf_counter(), 0, 0
 

@@ -10,8 +10,11 @@
 
 Lightning restores the model, optimizers, LR schedulers, loops (global step, epoch, batch in the
 epoch) and callback states (``EMAWeightAveraging`` keeps its averaged weights and counters). The
-data stream position is the train loader's state (``unifuse.data.datamodule.StreamLoader``).
-:class:`RngState` adds the random generators of every rank (torch, CUDA, numpy, python).
+data stream starts where the restored loops stand (``unifuse.data.datamodule.StreamLoader``).
+:class:`RngState` adds the random generators of every rank (torch, CUDA, numpy, python);
+:class:`LastCheckpoint` writes ``last.ckpt`` so that a run stopped in the middle of an epoch resumes
+there, and :class:`EpochCounts` sets Lightning's epoch counts right where a resumed run would get them
+wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from unifuse.sharded import is_complete, is_sharded
 
@@ -127,3 +131,57 @@ class RngState(L.Callback):
             state = dict(states[trainer.global_rank])
             state["python"] = _as_tuples(state["python"])
             _set_rng_state(state)
+
+
+def _batches_left(trainer) -> bool:
+    """The epoch that is running has batches it has not trained on."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """The ModelCheckpoint that writes the run's ``last.ckpt`` (``callbacks.last_checkpoint``), such that a
+    run stopped before the end of an epoch (``trainer.max_steps`` reached, ``trainer.should_stop`` set by a
+    callback) resumes with the epoch's next batch.
+
+    Lightning (2.6) runs the epoch-end hooks after such a stop, and ModelCheckpoint saves there by
+    default; but a checkpoint saved there records the epoch as finished, so a run resumed from it goes
+    on with the next epoch and never trains the rest of the stopped one. This one saves at the end of
+    the step the run stops after instead (as ``every_n_train_steps`` does: Lightning resumes that in the
+    middle of the epoch), and never at the end of an epoch that was cut short. It saves through
+    ModelCheckpoint's own top-k path, which the epoch-end save takes too."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stops = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if (stops and _batches_left(trainer) and not trainer.fit_loop._should_accumulate()
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not _batches_left(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+class EpochCounts(L.Callback):
+    """Sets Lightning's (2.6) epoch counts right at the start of a resumed run, in the two restarts where
+    it gets them wrong. Left wrong, the counts hold for the rest of the run: a checkpoint it writes in
+    the middle of an epoch reads as one of the epoch's end (a run resumed from that skips the rest of
+    the epoch, or starts it over), or the run stops an epoch short of ``max_epochs``.
+
+    * From a checkpoint of the end of an epoch's last step (``every_n_train_steps``, a preemption
+      signal): Lightning finishes that epoch and begins the next one as if it resumed in its middle,
+      without counting it as begun (nor calling ``on_train_epoch_start``). Here the restart is
+      forgotten once the finished epoch is closed, so the next one begins as every epoch does.
+    * From a checkpoint of an epoch's end (the default ``last.ckpt``) with ``trainer.max_steps`` set,
+      which makes Lightning restart every resumed run where its checkpoint was written: it runs the
+      epoch's end again and counts the epoch as processed a second time. Here the first count is taken
+      back before that."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loop = trainer.fit_loop
+        inner = loop.epoch_loop
+        if loop.restarted_mid_epoch and inner.restarted_on_train_batch_end and inner.batch_progress.is_last_batch:
+            loop.reset_restart_stage()
+        elif loop.restarted_on_epoch_end:
+            loop.epoch_progress.current.processed -= 1
+            loop.epoch_progress.total.processed -= 1

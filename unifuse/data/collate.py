@@ -1,8 +1,9 @@
 """Collators turn decoded samples into batches inside the data workers.
 
-A collator has ``batch_size``, ``add(sample) -> skip reason | None``, ``ready()``, ``pop()`` and
-``fresh(key)`` (a new empty copy for each worker/epoch; ``key`` seeds its random choices, so a stream
-restarted at the same epoch, rank and worker makes the same ones).
+A collator has ``batch_size``, ``add(sample) -> skip reason | None``, ``ready()``, ``pop()``,
+``held()`` (samples added and not yet in a popped batch), ``flush()`` (a last, smaller batch of what is
+held, or None) and ``fresh(key)`` (a new empty copy for each worker/epoch; ``key`` seeds its random
+choices, so a stream restarted at the same epoch, rank and worker makes the same ones).
 
 * :class:`ImageCollator` - image batches for tokenizers/autoencoders: ``image`` (uint8, B x 3 x H x W;
   the DataModule turns it into floats in [-1, 1] on the device), ``caption``, ``cls``, ``key``,
@@ -48,6 +49,12 @@ class ImageCollator:
 
     def ready(self) -> bool:
         return len(self._items) >= self.batch_size
+
+    def held(self) -> int:
+        return len(self._items)
+
+    def flush(self) -> dict | None:
+        return self.pop() if self._items else None
 
     def pop(self) -> dict:
         items, self._items = self._items[: self.batch_size], self._items[self.batch_size :]
@@ -219,6 +226,17 @@ class PackingCollator:
 
     def ready(self) -> bool:
         return bool(self._pending)
+
+    def held(self) -> int:
+        return sum(len(docs) for docs in self._rows) + len(self._pending)
+
+    def flush(self) -> dict | None:
+        """The rows begun (fewer than ``batch_size``) as a last batch; call it once ``ready()`` is False."""
+        n = len(self._rows)
+        if n == 0:
+            return None
+        rows = ("tokens", "modality", "doc_id", "image_id", "position")
+        return {k: v[:n] if k in rows else v for k, v in self.pop().items()}
 
     def pop(self) -> dict:
         b, L, v = self.batch_size, self.seq_len, self.vocab

@@ -18,29 +18,37 @@ log = logging.getLogger("unifuse.data")
 
 
 class StreamLoader(DataLoader):
-    """The training DataLoader: Lightning (2.x) stores ``state_dict()`` of a train loader that has one in
-    each checkpoint and gives it back to ``load_state_dict`` on resume. The state is the epoch and the
-    batches of it trained on, from ``position`` (the fit loop's count: the loader itself runs ahead of
-    training, by the prefetched batches and the workers' queues); the stream starts there again.
-    Its own ``generator`` keeps iterator creation (which draws worker seeds) off the global torch
-    RNG, whose state the checkpoint restores."""
+    """The training DataLoader. Each iteration starts where the fit loop stands when its first batch is
+    asked for (``position``: the epoch and the batches of it already trained on), so a resumed run goes on
+    with the batch the interrupted one would have trained next.
+
+    The start is read then, not when Lightning hands a checkpoint's loader state to ``load_state_dict``:
+    Lightning (2.6) restores the loops after ``configure_optimizers``, and a module whose schedule asks
+    ``trainer.estimated_stepping_batches`` there (with ``max_epochs`` set) makes Lightning build and iterate
+    this loader before the restore and never give it the saved state (Lightning issue #20550). Iterating
+    is lazy, so no worker starts and no batch is built before the first one is asked for; by then the
+    loops hold the checkpoint's counters.
+
+    ``state_dict`` (stored by Lightning in every checkpoint) records the position; the loops' counters in
+    the same checkpoint hold it too, and they are what a resumed run reads. Its own ``generator`` keeps
+    iterator creation (which draws worker seeds) off the global torch RNG, whose state the checkpoint
+    restores."""
 
     def __init__(self, dataset: ShardStream, position=None, **kwargs):
         super().__init__(dataset, **kwargs)
         self.position = position
+
+    def __iter__(self):
+        if self.position is not None:
+            self.dataset.resume_at(*self.position())
+        yield from super().__iter__()
 
     def state_dict(self) -> dict:
         epoch, batches = self.position() if self.position else (self.dataset.base_epoch, 0)
         return {"epoch": int(epoch), "batches": int(batches), "world_size": self.dataset.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.dataset.world_size:
-            log.warning("the checkpoint was written by %d ranks, this run has %d: the ranks split the data "
-                        "differently, so epoch %d starts over", state["world_size"], self.dataset.world_size,
-                        state["epoch"])
-            self.dataset.set_epoch(state["epoch"])
-        else:
-            self.dataset.resume_at(state["epoch"], state["batches"])
+        """Nothing to load: the next iteration starts at the restored loops' position (see the class)."""
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -173,16 +181,25 @@ class ShardDataModule(L.LightningDataModule):
                    prefetch_factor=4 if nw else None, generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def _train_position(self) -> tuple[int, int]:
-        """(epoch, batches of it trained on) as the fit loop counts them. Lightning (2.6) resumes a
-        checkpoint written at the end of the epoch's last step (``on_train_batch_end``) straight in the
-        next epoch, with the loader's first iteration: that is (next epoch, 0). One written after that
-        step (validation end, epoch end) first iterates the rest of the finished epoch, nothing: that
-        is (this epoch, all its batches), and the next iteration is the next epoch."""
+        """(epoch, batches of it trained on) as the fit loop counts them, read when a train iteration
+        starts and when a checkpoint records the loader's state. Lightning (2.6) resumes a checkpoint
+        written at the end of the epoch's last step (``on_train_batch_end``) straight in the next epoch,
+        so that checkpoint records (next epoch, 0)."""
         t = self.trainer
         bp = t.fit_loop.epoch_loop.batch_progress.current
         if bp.processed >= t.num_training_batches and bp.completed < bp.processed:
             return t.current_epoch + 1, 0
         return t.current_epoch, bp.processed
+
+    def state_dict(self) -> dict:
+        return {"world_size": self._rank()[1]}  # how many ranks split the data (see load_state_dict)
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, world = state.get("world_size"), self._rank()[1]
+        if saved is not None and saved != world:
+            log.warning("the checkpoint was written by %d ranks, this run has %d: the ranks split the data "
+                        "differently, so the rest of the interrupted epoch comes from the new split (some of "
+                        "its samples are trained on twice in that epoch, some not at all)", saved, world)
 
     @staticmethod
     def _source(key: str, name: str, shards, weight: float = 1.0) -> Source:
@@ -195,12 +212,9 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank()
         sources = [self._source(f"data.train.{name}.shards", name, spec["shards"], float(spec.get("weight", 1.0)))
                    for name, spec in self.train_spec.items()]
-        stream = ShardStream(sources, self.collator, self.decode, mode=self.mode,
-                             batches_per_epoch=self.batches_per_epoch, shuffle=True,
-                             shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world)
-        if self.trainer is not None:
-            stream.set_epoch(self.trainer.current_epoch)
-        return stream
+        return ShardStream(sources, self.collator, self.decode, mode=self.mode,
+                           batches_per_epoch=self.batches_per_epoch, shuffle=True,
+                           shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank, world_size=world)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_stream(), StreamLoader,
@@ -215,7 +229,7 @@ class ShardDataModule(L.LightningDataModule):
         for src in sources:  # weight by size: each sample once an epoch, the sources interleaved
             src.weight = float(src.total)
         try:
-            stream = ShardStream(sources, self.val_collator, self.decode, mode="epoch",
+            stream = ShardStream(sources, self.val_collator, self.decode, mode="once",  # each sample once
                                  batches_per_epoch=self.val_batches, shuffle=False, seed=self.seed, rank=rank,
                                  world_size=world)
         except ValueError as e:  # e.g. a validation split smaller than one batch

@@ -22,6 +22,13 @@ plan without talking to the others:
 * ``mode="resampled"``: shards are drawn at random with replacement per rank and worker (for
   corpora too large to care about exact epochs), from source s with probability
   weight_s / sum(weights); ``batches_per_epoch`` batches per rank.
+* ``mode="once"`` (validation): every sample of the sources exactly once per iteration, in shard
+  order. Rank r reads the r-th contiguous part of each source (the ranks' parts differ by at most one
+  sample), the sources interleaved evenly, and the last batch holds what is left (a packing
+  collator's last batch has only the rows begun), so no sample is dropped and none read twice; ranks
+  may differ by a batch. ``len(stream)`` is the batches the collator makes of the rank's part, found by
+  batching it once when the stream is built (for a packing collator: reading and packing the part);
+  ``batches_per_epoch`` keeps the first that many of them.
 
 Batches are assembled inside the workers by a collator (``collate.py``), so a DataLoader with
 ``batch_size=None`` passes them through; every batch carries ``data_stats``, the skip/convert
@@ -281,6 +288,21 @@ class _SourcePlan:
         return start - k * total if start + per_epoch > end else total
 
 
+class _OncePlan:
+    """The part of the sources rank ``rank`` reads in ``mode="once"``: of each source the ``rank``-th of
+    ``world`` contiguous slices in shard order (``first``: where it begins, ``counts``: its length), all
+    of them interleaved evenly, each source's samples spread over the part in proportion to its count
+    (``order``: the source of each position), so every batch holds about its share of each. ``cuts`` are
+    set by the stream: where the rank's batches begin, then where the last one ends."""
+
+    def __init__(self, sources: list[Source], rank: int, world: int):
+        self.first = [s.total * rank // world for s in sources]
+        self.counts = [s.total * (rank + 1) // world - f for s, f in zip(sources, self.first)]
+        spread = np.concatenate([(np.arange(n) + 0.5) / max(n, 1) for n in self.counts])
+        self.order = np.repeat(np.arange(len(sources), dtype=np.int32), self.counts)[np.argsort(spread, kind="stable")]
+        self.cuts: list[int] = []
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -298,8 +320,8 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
         max_warnings: int = 50,
     ):
-        if mode not in ("epoch", "resampled"):
-            raise ValueError(f"data mode must be 'epoch' or 'resampled', not {mode!r}")
+        if mode not in ("epoch", "resampled", "once"):
+            raise ValueError(f"data mode must be 'epoch', 'resampled' or 'once', not {mode!r}")
         if not sources:
             raise ValueError("no data sources given")
         if any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
@@ -315,10 +337,17 @@ class ShardStream(IterableDataset):
         self.base_epoch = 0
         self._iterations = 0  # epochs this copy has run (persistent workers keep their copy)
         self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
-        self.samples_per_batch = self._samples_per_batch()
-        self.num_batches = self._plan_batches(batches_per_epoch)
+        self.once = _OncePlan(sources, rank, world_size) if mode == "once" else None
+        if self.once is not None:
+            self.once.cuts = self._cut_once(batches_per_epoch)
+            self.num_batches = len(self.once.cuts) - 1
+            self.samples_per_batch = self.once.cuts[-1] / self.num_batches
+        else:
+            self.samples_per_batch = self._samples_per_batch()
+            self.num_batches = self._plan_batches(batches_per_epoch)
         # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
-        self.quotas = _quotas(round(self.num_batches * self.samples_per_batch), [s.weight for s in sources])
+        self.quotas = (self.once.counts if self.once is not None else
+                       _quotas(round(self.num_batches * self.samples_per_batch), [s.weight for s in sources]))
         self.plans = ([_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
                       if mode == "epoch" else [])  # resampled mode draws shards at random: no per-rank slices
 
@@ -368,6 +397,46 @@ class ShardStream(IterableDataset):
                 "lower the batch size or add data"
             )
         return nb
+
+    def _cut_once(self, limit: int | None) -> list[int]:
+        """``mode="once"``: the positions of the rank's part where its batches begin, then where the last
+        one ends. A collator of a fixed size begins one every ``batch_size`` samples; a packing collator
+        is fed the part in order, and a batch begins at the first sample it holds back after a pop (a
+        worker that starts there with a fresh collator makes the same batches). ``limit``: keep the
+        first that many batches."""
+        n = len(self.once.order)
+        if n == 0:
+            raise ValueError(f"{sum(s.total for s in self.sources)} samples cannot give each of "
+                             f"{self.world_size} ranks one")
+        if getattr(self.collator, "samples_per_batch", None) is None:
+            starts = list(range(0, n, self.collator.batch_size))
+        else:
+            starts, c = [0], self.collator.fresh(key=("plan",))
+            for p, sample in enumerate(self._once_samples(0, n, Counter())):
+                if sample is not None:
+                    c.add(sample)
+                while c.ready():
+                    c.pop()
+                    starts.append(p + 1 - c.held())
+            starts = [p for p in starts if p < n]
+        if limit is not None and 0 < int(limit) < len(starts):
+            return starts[: int(limit) + 1]
+        return [*starts, n]
+
+    def _once_samples(self, lo: int, hi: int, stats: Counter) -> Iterator:
+        """Positions ``[lo, hi)`` of the rank's part (``mode="once"``) decoded, None where a sample is
+        unusable: one item per position, so a worker that starts at a position reads from there on."""
+        order, first = self.once.order, self.once.first
+        before, upto = (np.bincount(order[:k], minlength=len(self.sources)) for k in (lo, hi))
+
+        def raws(src: Source, start: int, stop: int) -> Iterator[dict]:
+            for si, skip, take in _slice(src.counts, list(range(len(src.shards))), start, stop):
+                yield from _raw_samples(src.shards[si], skip, take, stats)
+
+        streams = [self._decoded(raws(src, f + int(a), f + int(b)), stats, gaps=True)
+                   for src, f, a, b in zip(self.sources, first, before, upto)]
+        for k in order[lo:hi].tolist():
+            yield next(streams[k], None)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -473,7 +542,8 @@ class ShardStream(IterableDataset):
         while True:
             yield next(streams[int(np.searchsorted(cdf, rng.random(), side="right").clip(0, len(streams) - 1))])
 
-    def _decoded(self, raws: Iterator[dict], stats: Counter) -> Iterator:
+    def _decoded(self, raws: Iterator[dict], stats: Counter, gaps: bool = False) -> Iterator:
+        """The usable samples of ``raws``, skips counted; with ``gaps``, None in place of each unusable one."""
         for raw in raws:
             try:
                 yield decode_sample(raw, self.decode, stats)
@@ -481,10 +551,15 @@ class ShardStream(IterableDataset):
                 stats[e.reason] += 1
                 if sum(stats.values()) <= self.max_warnings:
                     log.warning("skipped sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
+                if gaps:
+                    yield None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if self.once is not None:
+            yield from self._once_batches(wid, nw)
+            return
         epoch = self.base_epoch + self._iterations
         resume, self._resume = self._resume, None  # for the first iteration after resume_at only
         done = resume[1] if resume is not None and resume[0] == epoch else 0
@@ -521,12 +596,35 @@ class ShardStream(IterableDataset):
             else:
                 rejected = 0
             while collator.ready() and made < mine:
-                batch = collator.pop()
-                batch["data_stats"] = dict(stats)
-                stats.clear()
+                batch = _stamped(collator.pop(), stats)
                 made += 1
                 if made > skip:
                     yield batch
+
+    def _once_batches(self, wid: int, nw: int) -> Iterator[dict]:
+        """This worker's batches of the rank's part (``mode="once"``): the positions of its batches read
+        once and batched as they come, what is left at the end as a last batch."""
+        mine, before, _ = self._worker_batches(wid, nw)
+        if mine == 0:
+            return
+        stats: Counter = Counter()
+        collator, cuts = self.collator.fresh(key=(0, self.rank, wid)), self.once.cuts
+        for sample in self._once_samples(cuts[before], cuts[before + mine], stats):
+            reason = None if sample is None else collator.add(sample)
+            if reason:
+                stats[reason] += 1
+            while collator.ready():
+                yield _stamped(collator.pop(), stats)
+        last = collator.flush()
+        if last is not None:
+            yield _stamped(last, stats)
+
+
+def _stamped(batch: dict, stats: Counter) -> dict:
+    """``batch`` with the skip/convert counters since the previous batch (``data_stats``), which it takes."""
+    batch["data_stats"] = dict(stats)
+    stats.clear()
+    return batch
 
 
 def worker_init_threads(_: int) -> None:
