@@ -336,6 +336,25 @@ def test_train_loader_starts_where_the_fit_loop_stands_at_its_first_batch(tiny_e
     assert [b["key"] for b in loader] == full[5:], "the next iteration starts there again"
 
 
+def test_a_checkpoint_of_another_rank_count_is_resumed_with_a_warning(tiny_emoji, caplog):
+    """The datamodule's checkpoint state records how many ranks split the data; resuming it with
+    another count says that the rest of the interrupted epoch comes from the new split."""
+    import logging
+    from types import SimpleNamespace
+
+    from unifuse.data.collate import ImageCollator
+    from unifuse.data.datamodule import ShardDataModule
+
+    dm = ShardDataModule({"emoji": {"shards": str(tiny_emoji / "train")}}, ImageCollator(8))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    assert dm.state_dict() == {"world_size": 2}
+    with caplog.at_level(logging.WARNING, logger="unifuse.data"):
+        dm.load_state_dict({"world_size": 2})
+        assert not caplog.records
+        dm.load_state_dict({"world_size": 4})
+    assert "written by 4 ranks, this run has 2" in caplog.text
+
+
 def test_packed_stream_resumes_with_the_same_rows(tiny_emoji):
     """Packing draws caption-first / unconditional choices: a worker resumed at epoch 2 makes the same
     ones as the persistent worker of the uninterrupted run did in its third epoch."""
