@@ -279,6 +279,7 @@ def test_attend_runs_the_kernel_chosen(kernel, monkeypatch):
 
 
 @torch.no_grad()
+@torch._dynamo.config.patch(recompile_limit=64)  # config's own patch: a monkeypatched config breaks later tests
 def test_compiled_flex_serves_new_lengths_without_compiling_again(monkeypatch):
     """The calls GPUs run through flex with new lengths (prefill of prompts of other lengths, image
     blocks of one query block and more against a growing cache) stop compiling after a few lengths:
@@ -292,7 +293,6 @@ def test_compiled_flex_serves_new_lengths_without_compiling_again(monkeypatch):
     from unifuse.models.attention import FLEX_MIN_CACHED_QUERIES, choose_kernel, compile_flex
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
     counter = CompileCounter()
     kernel = compile_flex(counter)
     monkeypatch.setattr(attention, "_flex_kernel", lambda cuda: kernel)
