@@ -91,9 +91,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _as_tuples(x):
+def as_tuples(x):
     """``random.setstate`` wants the nested tuples that a checkpoint round trip may turn into lists."""
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+    return tuple(as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class RngState(L.Callback):
@@ -129,7 +129,7 @@ class RngState(L.Callback):
                         "beyond them keep their seeded generators", len(states), trainer.world_size)
         if trainer.global_rank < len(states):
             state = dict(states[trainer.global_rank])
-            state["python"] = _as_tuples(state["python"])
+            state["python"] = as_tuples(state["python"])
             _set_rng_state(state)
 
 

@@ -23,7 +23,7 @@ from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
-from unifuse.resume import _as_tuples
+from unifuse.resume import as_tuples
 from unifuse.text.tokenizer import ByteTokenizer
 
 
@@ -115,7 +115,7 @@ class GeneratorModule(UnifuseModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("caption_dropout_rng")
         if state is not None:
-            self._rng.setstate(_as_tuples(state))
+            self._rng.setstate(as_tuples(state))
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> dict:
