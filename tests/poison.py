@@ -1,4 +1,4 @@
-"""For the tests of unifuse.guard: a callback that makes a loss non-finite the way it happens in
+"""For the tests of unifuse.run.guard: a callback that makes a loss non-finite the way it happens in
 practice, through the pixels of a batch, and records what each training batch did to the module's
 state (importable by training subprocesses: ``+callbacks.poison._target_=tests.poison.PoisonBatch``);
 and :func:`fit_with`, a short in-process training run with extra callbacks."""
@@ -23,7 +23,7 @@ def fit_with(overrides: list[str], tmp_path, *extra: L.Callback, images: bool = 
     from hydra.utils import instantiate
 
     from tests.conftest import compose_cfg
-    from unifuse.guard import manual_optimisation_kwargs
+    from unifuse.run.guard import manual_optimisation_kwargs
 
     cfg = compose_cfg(overrides + QUIET + ([] if images else ["callbacks.images=null"]), tmp_path)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + list(extra)

@@ -34,7 +34,7 @@ def test_patch_discriminator_gives_patch_logits():
 
 @pytest.mark.parametrize("model", ["vqvae", "kl_autoencoder"])
 def test_adversarial_training_starts_at_its_step_and_trains_both_nets(model, tiny_emoji, tmp_path):
-    from unifuse.checkpoint import load_net
+    from unifuse.run.checkpoint import load_net
     from unifuse.train import train
 
     over = tiny_overrides(tiny_emoji) if model == "vqvae" else kl_overrides(tiny_emoji)

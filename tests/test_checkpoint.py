@@ -62,7 +62,7 @@ def test_generator_checkpoint_samples_alone_or_with_tokenizer_override(travellin
 
 
 def test_carried_tokenizer_is_the_training_tokenizer(travelling):
-    from unifuse.checkpoint import load_net, load_tokenizer, read_checkpoint, state_hash
+    from unifuse.run.checkpoint import load_net, load_tokenizer, read_checkpoint, state_hash
 
     ck = read_checkpoint(travelling["embedded"])
     assert ck.tokenizer_state is not None and ck.tokenizer["kind"] == "vqvae"
@@ -76,7 +76,7 @@ def test_carried_tokenizer_is_the_training_tokenizer(travelling):
 
 def test_changed_tokenizer_file_is_refused(travelling, tmp_path):
     """A checkpoint that names its tokenizer by path refuses a file whose weights changed since."""
-    from unifuse.checkpoint import load_tokenizer, read_checkpoint
+    from unifuse.run.checkpoint import load_tokenizer, read_checkpoint
 
     ck = read_checkpoint(travelling["named"])
     other = tmp_path / "tok.ckpt"
@@ -93,8 +93,8 @@ def test_changed_tokenizer_file_is_refused(travelling, tmp_path):
 def test_export_loads_into_a_fresh_net_with_safetensors_alone(travelling, tmp_path):
     from safetensors.torch import load_file
 
-    from unifuse.checkpoint import build_net, load_net
     from unifuse.export import main as export_main
+    from unifuse.run.checkpoint import build_net, load_net
 
     out = export_main([f"ckpt={travelling['embedded']}", f"out={tmp_path / 'export'}"])
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.safetensors"}
@@ -115,7 +115,7 @@ def test_export_loads_into_a_fresh_net_with_safetensors_alone(travelling, tmp_pa
 
 def test_export_of_a_name_only_checkpoint_carries_the_tokenizer(travelling, tmp_path):
     """Exporting where the named tokenizer file exists puts its weights into the export."""
-    from unifuse.checkpoint import export, read_checkpoint
+    from unifuse.run.checkpoint import export, read_checkpoint
 
     ck = torch.load(travelling["named"], weights_only=True)
     ck["unifuse"]["tokenizer"]["path"] = str(travelling["tokenizer"])
@@ -127,9 +127,9 @@ def test_export_of_a_name_only_checkpoint_carries_the_tokenizer(travelling, tmp_
 
 
 def test_bpe_vocabulary_travels_inside_the_config(tmp_path):
-    from unifuse.checkpoint import build_net
     from unifuse.models.image_gpt import ImageGPT
     from unifuse.models.transformer import TransformerConfig
+    from unifuse.run.checkpoint import build_net
     from unifuse.text.tokenizer import BPETokenizer
     from unifuse.text.vocab import VocabLayout
 
@@ -145,7 +145,7 @@ def test_bpe_vocabulary_travels_inside_the_config(tmp_path):
 
 
 def test_registry_errors_name_what_is_wrong(tmp_path, travelling):
-    from unifuse.checkpoint import KINDS, load_net, read_checkpoint
+    from unifuse.run.checkpoint import KINDS, load_net, read_checkpoint
 
     assert {"vqvae", "ar_gpt", "maskgit"} <= set(KINDS)
     plain = tmp_path / "plain.ckpt"

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from unifuse.callbacks import DataStatsCallback
 from unifuse.data.collate import ImageCollator, PackingCollator
 from unifuse.data.datamodule import ShardDataModule
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
 from unifuse.data.shards import ShardWriter
 from unifuse.data.stream import ShardStream, Source
+from unifuse.run.callbacks import DataStatsCallback
 
 
 class Canary:

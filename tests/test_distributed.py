@@ -73,7 +73,7 @@ def test_ddp_two_processes_equal_batches_no_repeats_one_run_dir(tmp_path, tiny_e
     unequal_image_shards(data / "val", sizes=(5, 4))
     args = common(tmp_path, data) + [
         "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", "data.num_workers=2",
-        "data.collator.batch_size=4", "+callbacks.audit._target_=unifuse.callbacks.SampleAudit",
+        "data.collator.batch_size=4", "+callbacks.audit._target_=unifuse.run.callbacks.SampleAudit",
         "+callbacks.audit.out_dir=${paths.output_dir}/audit",
     ]
     run(args, tmp_path)

@@ -1,4 +1,4 @@
-"""EMA of the weights for every model (callbacks.ema, unifuse.ema): `eval.weights=ema` runs
+"""EMA of the weights for every model (callbacks.ema, unifuse.run.ema): `eval.weights=ema` runs
 validation (module hooks included), sample grids and online evaluation on the average, `raw` on the
 trained weights; checkpoints hold both, the sampling and evaluation CLIs pick one (default: the
 run's choice); a resume restores the average (the adversarial autoencoder, which optimises by
@@ -25,7 +25,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def ema_callback(trainer):
-    from unifuse.ema import EMA
+    from unifuse.run.ema import EMA
 
     return next(c for c in trainer.callbacks if isinstance(c, EMA))
 
@@ -42,7 +42,7 @@ class WeightsProbe(L.Callback):
         self.raw, self.avg = net_state(pl_module), net_state(ema_callback(trainer)._average_model.module)
 
     def on_fit_start(self, trainer, pl_module):
-        from unifuse.ema import weights_in_use
+        from unifuse.run.ema import weights_in_use
 
         draw, end = pl_module.log_images, pl_module.on_validation_epoch_end
 
@@ -74,7 +74,7 @@ def ema_run(tiny_emoji, tmp_path_factory):
 
 
 def _check_weights_used(probe: WeightsProbe, run_dir, weights: str) -> None:
-    from unifuse.checkpoint import read_checkpoint
+    from unifuse.run.checkpoint import read_checkpoint
 
     assert not same(probe.raw, probe.avg), "the test cannot tell the weights apart"
     want = probe.avg if weights == "ema" else probe.raw
@@ -123,7 +123,7 @@ def test_evaluate_cli_evaluates_the_chosen_weights(ema_run, tiny_emoji, tmp_path
 
 
 def test_sample_cli_draws_with_the_chosen_weights(tiny_emoji, tiny_kl, tmp_path, capsys, monkeypatch):
-    from unifuse import checkpoint
+    from unifuse.run import checkpoint
     from unifuse.sample import main as sample_main
 
     over = ldm_overrides(tiny_emoji, tiny_kl) + FAST_EMA + ["trainer.max_epochs=1"]
@@ -160,7 +160,7 @@ class ResumeProbe(L.Callback):
 
 
 def test_resume_restores_the_average(ema_run, tiny_emoji, tmp_path):
-    from unifuse.checkpoint import read_checkpoint
+    from unifuse.run.checkpoint import read_checkpoint
 
     last = ema_run[1] / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
@@ -176,7 +176,7 @@ def test_resume_restores_the_average(ema_run, tiny_emoji, tmp_path):
 def test_ema_is_a_default_callback_presets_override_it_settings_are_checked(tmp_path):
     from hydra.utils import instantiate
 
-    from unifuse.ema import EMA
+    from unifuse.run.ema import EMA
 
     cfg = compose_cfg([], tmp_path)  # callbacks=default, whatever the model
     ema = instantiate(cfg.callbacks.ema)

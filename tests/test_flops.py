@@ -14,8 +14,8 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_cfg, tiny_data_overrides
-from unifuse.flops import count_forward, flop_counter, forward_flops
 from unifuse.models.pixels import PixelSpace
+from unifuse.run.flops import count_forward, flop_counter, forward_flops
 
 BACKBONE = ["model.net.transformer.dim=64", "model.net.transformer.n_layers=2", "model.net.transformer.n_heads=2",
             "data.collator.seq_len=256"]

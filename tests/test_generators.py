@@ -131,7 +131,7 @@ def test_ddp_two_processes_ar_gpt(tiny_codes, tiny_tokenizer, tmp_path):
 
 
 def test_captioned_grid_layout():
-    from unifuse.viz import captioned_grid
+    from unifuse.run.viz import captioned_grid
 
     images = torch.zeros(6, 3, 8, 8)
     with pytest.raises(ValueError, match="captions"):

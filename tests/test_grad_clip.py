@@ -1,4 +1,4 @@
-"""Gradient-norm logging and clipping (unifuse.guard): `train/grad_norm` is the total norm before
+"""Gradient-norm logging and clipping (unifuse.run.guard): `train/grad_norm` is the total norm before
 clipping, every step; `trainer.gradient_clip_val` clips, also for the adversarial autoencoder, which
 optimises by hand (Lightning refuses the setting there, so the module clips itself)."""
 
@@ -54,7 +54,7 @@ def test_adversarial_autoencoder_skips_clips_and_averages(tiny_emoji, tmp_path):
     clips both (Lightning would refuse the setting on the trainer) and logs both norms; a skipped
     batch (guard.nonfinite=skip) steps neither; the EMA averages both nets, once per batch."""
     from tests.poison import PoisonBatch
-    from unifuse.ema import EMA
+    from unifuse.run.ema import EMA
 
     probe, poison = GradProbe(), PoisonBatch(at=(1,))
     over = tiny_overrides(tiny_emoji) + ["model.adversarial.weight=0.5", "model.adversarial.start_step=0",
@@ -78,7 +78,7 @@ def test_adversarial_autoencoder_skips_clips_and_averages(tiny_emoji, tmp_path):
 def test_manual_optimisation_refuses_accumulation_naming_the_setting(tiny_emoji, tmp_path):
     from hydra.utils import instantiate
 
-    from unifuse.guard import manual_optimisation_kwargs
+    from unifuse.run.guard import manual_optimisation_kwargs
 
     over = ["model.adversarial.weight=0.5", "trainer.accumulate_grad_batches=4"]
     cfg = compose_cfg(tiny_overrides(tiny_emoji) + over, tmp_path)

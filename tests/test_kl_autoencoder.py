@@ -54,9 +54,9 @@ def test_normalised_latents_need_measured_statistics():
 def test_trained_checkpoint_carries_latent_stats_that_normalise_held_out_images(trained_kl, tiny_emoji):
     """Latents of held-out (validation) images, normalised with the values stored in the checkpoint,
     have std in [0.9, 1.1] and mean within +-0.1."""
-    from unifuse.checkpoint import read_checkpoint
     from unifuse.eval.fidelity import reference_set
     from unifuse.models.kl_autoencoder import load_kl_autoencoder
+    from unifuse.run.checkpoint import read_checkpoint
 
     ck = read_checkpoint(trained_kl["checkpoint"])
     assert ck.kind == "kl_autoencoder" and 32 <= int(ck.state_dict["latent_stats_images"]) < 48

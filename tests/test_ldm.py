@@ -65,7 +65,7 @@ def test_dit_patchify_round_trip_and_zero_init_output():
 
 
 def test_same_image_alone_or_in_a_batch(trained_ldm):
-    from unifuse.checkpoint import load_pipeline
+    from unifuse.run.checkpoint import load_pipeline
 
     pipe, _ = load_pipeline(trained_ldm["checkpoint"])
     for sampler in ("ddim", "ddpm", "dpmpp_2m"):
@@ -75,8 +75,8 @@ def test_same_image_alone_or_in_a_batch(trained_ldm):
 
 
 def test_checkpoint_is_ema_carries_its_autoencoder_and_online_fid_is_reproduced(trained_ldm, tmp_path):
-    from unifuse.checkpoint import read_checkpoint
     from unifuse.evaluate import main as evaluate_main
+    from unifuse.run.checkpoint import read_checkpoint
     from unifuse.sample import main as sample_main
 
     ck = read_checkpoint(trained_ldm["checkpoint"])
@@ -117,7 +117,7 @@ def test_wrong_autoencoder_or_latent_size_fail_before_training_naming_the_settin
 
 
 def test_flow_matching_transport_trains_and_samples(tiny_emoji, tiny_kl, tmp_path):
-    from unifuse.checkpoint import load_pipeline
+    from unifuse.run.checkpoint import load_pipeline
     from unifuse.train import train
 
     r = train(compose_cfg(ldm_overrides(tiny_emoji, tiny_kl) + [
@@ -180,7 +180,7 @@ def test_latent_shards_train_the_same_model_and_a_mismatch_names_the_setting(tin
 def test_pixel_space_latent_diffusion_with_the_identity_autoencoder(tiny_emoji, tmp_path):
     """model.tokenizer_ckpt=identity: a DiT on raw 16x16 pixels (3 channels, 2x2 patches), no
     autoencoder; a VQ model refuses it, naming the setting."""
-    from unifuse.checkpoint import load_pipeline
+    from unifuse.run.checkpoint import load_pipeline
     from unifuse.train import train
 
     over = [o for o in ldm_overrides(tiny_emoji, "unused") if not o.startswith("model.tokenizer_ckpt")]

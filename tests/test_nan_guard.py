@@ -1,4 +1,4 @@
-"""Non-finite losses (unifuse.guard). The NaN enters the way it would in practice: through the pixels
+"""Non-finite losses (unifuse.run.guard). The NaN enters the way it would in practice: through the pixels
 of one batch in the middle of a real training run. `stop` (default) names the step, the loss term and
 the batch's sample keys, saves the state before the step as bad-step<N>.ckpt and raises before the
 optimizer applies anything; `skip` drops the batch (weights, buffers and optimizer state unchanged),
@@ -30,8 +30,8 @@ def _run_poisoned(overrides: list[str], tmp_path) -> tuple[str, PoisonBatch]:
 
 @pytest.mark.parametrize("kind", ["ldm", "kl_autoencoder"])
 def test_stop_names_step_term_and_keys_and_saves_the_state_before_the_step(kind, tiny_emoji, tiny_kl, tmp_path):
-    from unifuse.checkpoint import read_checkpoint
-    from unifuse.resume import complete_checkpoints
+    from unifuse.run.checkpoint import read_checkpoint
+    from unifuse.run.resume import complete_checkpoints
 
     over = ldm_overrides(tiny_emoji, tiny_kl) if kind == "ldm" else kl_overrides(tiny_emoji)
     msg, poison = _run_poisoned(over, tmp_path)
@@ -113,7 +113,7 @@ def test_check_finite_names_only_the_bad_terms():
 
 
 def test_guard_settings_are_checked():
-    from unifuse.guard import NonFiniteGuard
+    from unifuse.run.guard import NonFiniteGuard
 
     with pytest.raises(ValueError, match="guard.nonfinite must be one of stop, skip"):
         NonFiniteGuard("ignore")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from unifuse.progress import progress
+from unifuse.run.progress import progress
 
 
 def test_progress_logs_lines_with_eta_when_not_a_terminal(caplog):

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, compose_cfg
-from unifuse.checkpoint_io import AtomicCheckpointIO
-from unifuse.preemption import EXIT_PREEMPTED
-from unifuse.resume import complete_checkpoints, resolve_ckpt_path
+from unifuse.run.checkpoint_io import AtomicCheckpointIO
+from unifuse.run.preemption import EXIT_PREEMPTED
+from unifuse.run.resume import complete_checkpoints, resolve_ckpt_path
 
 TIMEOUT = 600  # generous: the machine may be busy; a hung run still fails
 
@@ -415,7 +415,7 @@ def test_rng_state_restores_each_rank_its_own(tmp_path):
 
     import numpy as np
 
-    from unifuse.resume import RngState, _rng_state
+    from unifuse.run.resume import RngState, _rng_state
 
     states = []
     for seed in (1, 2):
@@ -471,7 +471,7 @@ def test_requeue_runs_for_the_requeue_signal_unless_the_launcher_handles_it(tmp_
 
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from unifuse.preemption import PreemptionCheckpoint
+    from unifuse.run.preemption import PreemptionCheckpoint
 
     fake = tmp_path / "bin"
     fake.mkdir()

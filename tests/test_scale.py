@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose_cfg, tiny_data_overrides
 from tests.test_distributed import run
-from unifuse.memory_plan import activation_bytes, activation_mode, plan_from_config
 from unifuse.models import attention
 from unifuse.models.transformer import Block, Transformer, TransformerConfig
+from unifuse.run.memory_plan import activation_bytes, activation_mode, plan_from_config
 
 TIMEOUT = 600  # per training subprocess: generous, the machine may be busy; a hung run still fails
 PRESETS = ["transfusion_0.16b_h100", "transfusion_0.37b_h100", "transfusion_0.76b_h100", "transfusion_1.4b_h100",
@@ -104,7 +104,7 @@ def test_h100_presets_compose_and_fit_80gb_per_gpu(tmp_path):
 
 # ----------------------------------------------------------------------------- trainer=fsdp
 def test_fsdp_preset_builds_the_strategy_and_refuses_rank_zero_callbacks(tiny_emoji, tmp_path):
-    from unifuse.parallel import FSDP2Strategy, check_callbacks
+    from unifuse.run.parallel import FSDP2Strategy, check_callbacks
 
     cfg = compose_cfg(tiny_transfusion(tiny_emoji) + ["trainer=fsdp"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
@@ -134,7 +134,7 @@ def test_fsdp_two_cpu_processes_match_ddp_resume_from_shards_and_sample_them(tin
     into the whole model."""
     from PIL import Image
 
-    from unifuse.checkpoint import read_checkpoint
+    from unifuse.run.checkpoint import read_checkpoint
     from unifuse.sample import main as sample_main
 
     common = tiny_transfusion(tiny_emoji) + [
@@ -171,8 +171,8 @@ def _write_sharded(path: Path, state: dict, meta: dict) -> None:
 
 
 def test_a_sharded_checkpoint_reads_back_in_one_process_and_its_index_cannot_run_code(tmp_path):
-    from unifuse.checkpoint import load_net, read_checkpoint
     from unifuse.models.transfusion import Transfusion, TransfusionConfig
+    from unifuse.run.checkpoint import load_net, read_checkpoint
     from unifuse.sample import default_out
 
     torch.manual_seed(0)
@@ -203,7 +203,7 @@ def test_compiled_blocks_train_like_eager_and_sampling_stays_eager():
     from torch._dynamo.utils import counters
 
     from tests.test_transfusion import random_batch, tiny_model
-    from unifuse.parallel import compile_blocks
+    from unifuse.run.parallel import compile_blocks
 
     torch._dynamo.reset()
     counters.clear()

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from unifuse import perf
-from unifuse.callbacks import StepThroughput
+from unifuse.run import perf
+from unifuse.run.callbacks import StepThroughput
 
 TALLEST = 1 + max(m for m, _, _ in perf.CPU_GEMM_SHAPES) / 1e5  # fake_gemms' best
 H100 = "NVIDIA H100 80GB HBM3"  # Lightning's "h100 sxm" row: fp32 66.9, TF32 494.7, bf16/fp16 989.4 TFLOP/s
@@ -103,7 +103,7 @@ def test_measuring_the_cpu_peak_leaves_the_run_random_stream_alone():
     """The peak is measured when training starts, after a resumed run has restored its generators:
     a draw from the global generator there would give the resumed run other noise than the run it
     continues (and an unresumed run other numbers than before the measurement existed)."""
-    from unifuse.perf import gemm_rate
+    from unifuse.run.perf import gemm_rate
 
     torch.manual_seed(0)
     before = torch.get_rng_state()

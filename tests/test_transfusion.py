@@ -305,7 +305,7 @@ def transfusion_overrides(data_dir, kl) -> list[str]:
 
 def test_model_transfusion_trains_from_hydra_samples_captions_and_evaluates(tiny_emoji, tiny_kl, domain_weights,
                                                                              tmp_path):
-    from unifuse.checkpoint import load_pipeline
+    from unifuse.run.checkpoint import load_pipeline
     from unifuse.train import train
 
     r = train(compose_cfg(transfusion_overrides(tiny_emoji, tiny_kl) + [
@@ -406,7 +406,7 @@ def test_unet_attention_block_is_multi_head_attention_over_all_positions():
 def test_pixel_space_transfusion_trains_and_samples_without_an_autoencoder(tiny_emoji, tmp_path):
     """``autoencoder=identity``: raw 16x16 pixels cut into 4x4 patches, no autoencoder file anywhere;
     the checkpoint samples images of the data's size."""
-    from unifuse.checkpoint import load_pipeline
+    from unifuse.run.checkpoint import load_pipeline
     from unifuse.train import train
 
     over = [o for o in transfusion_overrides(tiny_emoji, "unused") if not o.startswith("model.tokenizer_ckpt")]

@@ -183,7 +183,7 @@ def test_write_pairs_val_fraction_splits_the_folder(user):
 
 def test_vqvae_trains_on_the_shards_and_evaluate_gives_rfid(user):
     local = report(user["runs"]["local"])
-    from unifuse.checkpoint import read_checkpoint
+    from unifuse.run.checkpoint import read_checkpoint
 
     ck = read_checkpoint(local["checkpoint"])
     assert ck.kind == "vqvae" and ck.epoch == 0
@@ -208,7 +208,7 @@ def test_vqvae_trains_on_the_shards_and_evaluate_gives_rfid(user):
 
 
 def test_file_and_pipe_shard_urls_train_on_the_same_samples(user):
-    from unifuse.checkpoint import read_checkpoint
+    from unifuse.run.checkpoint import read_checkpoint
 
     got = {name: report(p) for name, p in user["runs"].items()}
     steps = {name: read_checkpoint(r["checkpoint"]).step for name, r in got.items()}

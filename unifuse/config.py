@@ -99,7 +99,7 @@ def wandb_run(field_name: str, ckpt_path: str | None = None, task_name: str = "t
         stored = None
         if ckpt_path and str(ckpt_path) not in ("None", "null"):
             rec = Path(ckpt_path).expanduser().resolve().parent.parent / WANDB_RUN_FILE
-            if str(ckpt_path) in ("last", "auto"):  # resuming in this run directory (unifuse.resume)
+            if str(ckpt_path) in ("last", "auto"):  # resuming in this run directory (unifuse.run.resume)
                 rec = Path(str(output_dir)) / WANDB_RUN_FILE
             if rec.is_file():
                 stored = json.loads(rec.read_text())
@@ -219,7 +219,7 @@ class EvaluateApp(SamplingOverrides):
 
 @dataclass
 class GuardConfig:
-    """``guard`` in the training config: what a non-finite loss does (``unifuse.guard``)."""
+    """``guard`` in the training config: what a non-finite loss does (``unifuse.run.guard``)."""
 
     nonfinite: str = "stop"  # stop | skip
     max_skips_in_row: int = 3  # skip: this many non-finite batches in a row stop the run

@@ -1,7 +1,7 @@
 """``python -m unifuse.evaluate ckpt=<path> [n=256 extractor=domain cfg_scale=3 steps=8 seed=0 ...]``
 
 A Hydra app (``conf/evaluate.yaml``, typed by ``unifuse.config.EvaluateApp``; a misspelled key fails
-naming it). Loads any checkpoint kind through the registry (``unifuse.checkpoint``): autoencoders
+naming it). Loads any checkpoint kind through the registry (``unifuse.run.checkpoint``): autoencoders
 get reconstruction FID + PSNR/SSIM, generators text-to-image FID/KID from the reference split's
 captions. The protocol and sampling settings stored by the training run are the defaults, so the
 logged online number is reproduced; any field can be overridden. The result is a JSON next to the
@@ -33,9 +33,9 @@ from unifuse.eval.protocol import EvalConfig
 def evaluate_checkpoint(ckpt_path: str | Path, tokenizer: str | None = None, device: str = "cpu",
                         out: str | None = None, **overrides) -> dict:
     """Evaluate one checkpoint: ``overrides`` are EvalConfig fields and sampling settings."""
-    from unifuse.checkpoint import get_kind, load_net, load_pipeline, read_checkpoint
     from unifuse.eval.fidelity import EVALUATORS, metric_name, protocol_parts
-    from unifuse.sharded import is_sharded
+    from unifuse.run.checkpoint import get_kind, load_net, load_pipeline, read_checkpoint
+    from unifuse.run.sharded import is_sharded
 
     unknown = set(overrides) - {f.name for f in fields(EvalConfig)} - {f.name for f in fields(SamplingOverrides)}
     if unknown:

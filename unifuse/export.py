@@ -7,7 +7,7 @@ and, for generators, ``tokenizer.safetensors`` (the image tokenizer's weights). 
 neither Lightning nor pickle::
 
     import json, safetensors.torch
-    from unifuse.checkpoint import build_net
+    from unifuse.run.checkpoint import build_net
     c = json.load(open("dir/config.json"))
     net = build_net(c["kind"], c["config"], safetensors.torch.load_file("dir/model.safetensors"))
 
@@ -22,7 +22,7 @@ from unifuse import config as _config
 
 
 def export(cfg: DictConfig):
-    from unifuse.checkpoint import export as write_export
+    from unifuse.run.checkpoint import export as write_export
 
     out = write_export(cfg.ckpt, cfg.out)
     print(f"exported {cfg.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")

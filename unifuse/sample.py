@@ -48,7 +48,7 @@ def parse_prompts(prompt: str | None, uncond: bool) -> list[str]:
 
 
 def default_out(ckpt_path: Path, kind: str, prompts: list[str], seed) -> Path:
-    from unifuse.sharded import is_sharded
+    from unifuse.run.sharded import is_sharded
 
     # an export directory is its own run; a .ckpt file or a sharded checkpoint sits in <run>/checkpoints/
     run = ckpt_path if ckpt_path.is_dir() and not is_sharded(ckpt_path) else ckpt_path.parent.parent
@@ -82,7 +82,7 @@ def read_image(path: str, size: int):
 def caption_images(cfg: DictConfig, pipe, ck) -> Path:
     import torch
 
-    from unifuse.viz import save_captioned_grid
+    from unifuse.run.viz import save_captioned_grid
 
     _needs(pipe, "caption", "caption", ck.kind)
     if not cfg.image:
@@ -102,7 +102,7 @@ def caption_images(cfg: DictConfig, pipe, ck) -> Path:
 def write_document(cfg: DictConfig, pipe, ck, overrides: dict) -> Path:
     import torch
 
-    from unifuse.viz import save_captioned_grid
+    from unifuse.run.viz import save_captioned_grid
 
     _needs(pipe, "document", "document", ck.kind)
     if not cfg.prompt:
@@ -135,8 +135,8 @@ def write_document(cfg: DictConfig, pipe, ck, overrides: dict) -> Path:
 def sample(cfg: DictConfig) -> Path:
     import torch
 
-    from unifuse.checkpoint import load_pipeline
-    from unifuse.viz import save_captioned_grid
+    from unifuse.run.checkpoint import load_pipeline
+    from unifuse.run.viz import save_captioned_grid
 
     if cfg.mode not in ("text2image", "caption", "document"):
         raise ValueError(f"mode must be text2image, caption or document, not {cfg.mode!r}")

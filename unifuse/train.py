@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from unifuse.resume import complete_checkpoints, resolve_ckpt_path
+    from unifuse.run.resume import complete_checkpoints, resolve_ckpt_path
 
     require_targets(cfg, "callbacks", "logger")  # before anything is built
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)  # last | auto | <file>
@@ -96,12 +96,12 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     if (cfg.get("compile") or {}).get("enabled"):
-        from unifuse.parallel import compile_blocks
+        from unifuse.run.parallel import compile_blocks
 
         compile_blocks(model, backend=cfg.compile.backend)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    from unifuse.guard import manual_optimisation_kwargs
+    from unifuse.run.guard import manual_optimisation_kwargs
 
     # modules that optimise by hand clip their gradients themselves (Lightning refuses the trainer's)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,

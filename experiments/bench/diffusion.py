@@ -1,7 +1,7 @@
 """Latent-diffusion figures, each against a baseline timed in the same run:
 
 1. DiT float32 training step at width 384 (joint text + 16x16 patches): achieved FLOP/s (counted
-   by torch's FlopCounterMode) against this machine's float32 peak (``unifuse.perf``: the best
+   by torch's FlopCounterMode) against this machine's float32 peak (``unifuse.run.perf``: the best
    GEMM rate of a few shapes). The emoji-sized DiT beside the other generators, in the dtype the
    presets train in: ``experiments/bench/mfu.py``.
 2. Sampling 16 images with classifier-free guidance: cond + uncond as one batched forward (what
@@ -27,7 +27,7 @@ from unifuse.diffusion import Guidance, make_sampler
 from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.dit import DiT, DiTConfig
 from unifuse.models.kl_autoencoder import KLAutoencoder
-from unifuse.perf import cpu_peak_flops
+from unifuse.run.perf import cpu_peak_flops
 
 
 def timed(fn, reps: int = 1, warmup: bool = True) -> float:

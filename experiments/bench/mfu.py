@@ -12,7 +12,7 @@ peak of the dtype their steps compute in, and where each step's time goes.
 * A step: the module's ``training_step`` (under autocast for ``*-mixed``, as Lightning's precision
   plugin runs it), backward, fused AdamW. Steps of the four models interleave rep by rep; medians.
 * MFU = the module's ``flops_per_batch`` (what ``callbacks.throughput`` logs as ``perf/mfu``) per
-  second / the peak of :mod:`unifuse.perf` in the step's dtype (the best GEMM rate of a few shapes),
+  second / the peak of :mod:`unifuse.run.perf` in the step's dtype (the best GEMM rate of a few shapes),
   measured between the steps in every rep and taken as the median, so that a shared machine's load
   weighs on both sides of the ratio alike. The float32 peak is printed beside it.
 * Where the time goes: torch.profiler's top operators by self CPU time, per step.
@@ -43,7 +43,7 @@ from unifuse.data.samples import Sample
 from unifuse.data.stream import iter_texts
 from unifuse.models.pixels import PixelSpace
 from unifuse.models.transformer import Transformer, TransformerConfig
-from unifuse.perf import compute_dtype, cpu_peak_flops, measure_cpu_peak
+from unifuse.run.perf import compute_dtype, cpu_peak_flops, measure_cpu_peak
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: data/ and conf/ under it
 # name -> (preset, the net's config key for width / depth / heads)

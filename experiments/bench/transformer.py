@@ -4,7 +4,7 @@
    KV cache vs the naive loop that reruns the whole prefix for every token (target >= 20x,
    identical tokens).
 2. Training throughput (tokens/s) and MFU at width 512 in float32 against this machine's float32
-   peak (``unifuse.perf``: the best GEMM rate of a few shapes, measured in this run). The four
+   peak (``unifuse.run.perf``: the best GEMM rate of a few shapes, measured in this run). The four
    generators side by side, in the dtype the presets train in: ``experiments/bench/mfu.py``.
 3. MaskGIT (K=8) vs AR sampling time for the same image size, for a batch of 8 prompts (throughput-
    bound on CPU: MaskGIT does K full passes) and for one prompt (latency-bound).
@@ -22,7 +22,7 @@ import torch
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.transformer import Transformer, TransformerConfig
-from unifuse.perf import cpu_peak_flops
+from unifuse.run.perf import cpu_peak_flops
 from unifuse.text.vocab import VocabLayout
 
 

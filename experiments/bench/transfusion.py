@@ -14,7 +14,7 @@
    flex/dense <= 0.25). Also shown: flex with a ``torch.compile``d kernel (``attend`` runs the
    eager reference on CPU, which materialises the scores).
 4. MFU of our float32 training step at width 512 (4 layers, 8 heads, same batch): FLOPs counted
-   by FlopCounterMode on the forward (x3) against this machine's float32 peak (``unifuse.perf``:
+   by FlopCounterMode on the forward (x3) against this machine's float32 peak (``unifuse.run.perf``:
    the best GEMM rate of a few shapes, measured in this run). The four generators side by side, in
    the dtype the presets train in: ``experiments/bench/mfu.py``.
 
@@ -44,7 +44,7 @@ from unifuse.models import attention
 from unifuse.models.attention import MaskSpec, attend
 from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.models.transfusion import Transfusion, TransfusionConfig
-from unifuse.perf import cpu_peak_flops
+from unifuse.run.perf import cpu_peak_flops
 
 PROMPT = "twemoji grinning face with big eyes"
 SEQ = 132  # BOS + 64 text + BOI + 64 image + EOI + EOS: one document per row

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unifuse.checkpoint import load_net
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample, image_batch
 from unifuse.data.shards import ShardWriter, Staging, expand_shards, shard_counts
 from unifuse.data.stream import _raw_samples
+from unifuse.run.checkpoint import load_net
 
 STAMP = "_encoded_with.json"
 

@@ -45,7 +45,7 @@ import numpy as np
 from webdataset.gopen import Pipe, gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
-from unifuse.progress import progress
+from unifuse.run.progress import progress
 
 INDEX_NAME = "_index.json"
 COMPLETE_NAME = "_complete.json"  # written last into a finished build

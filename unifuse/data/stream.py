@@ -629,8 +629,8 @@ def _stamped(batch: dict, stats: Counter) -> dict:
 
 def worker_init_threads(_: int) -> None:
     """DataLoader workers decode images; one intra-op thread each avoids oversubscribing cores. They
-    leave preemption signals to the main process (``unifuse.preemption.shield_worker``)."""
-    from unifuse.preemption import shield_worker
+    leave preemption signals to the main process (``unifuse.run.preemption.shield_worker``)."""
+    from unifuse.run.preemption import shield_worker
 
     torch.set_num_threads(1)
     shield_worker()

@@ -20,7 +20,7 @@ from PIL import Image
 
 from unifuse.data.samples import IMAGE_EXTS, resize_square
 from unifuse.data.shards import ShardWriter, Staging, WriteSummary
-from unifuse.progress import progress
+from unifuse.run.progress import progress
 
 log = logging.getLogger("unifuse.data")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")

@@ -165,7 +165,7 @@ def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_
     """Train the domain classifier on labelled training shards and save it (weights only)."""
     from unifuse.data.samples import DecodeConfig, image_batch
     from unifuse.data.stream import iter_decoded
-    from unifuse.progress import progress
+    from unifuse.run.progress import progress
 
     torch.manual_seed(seed)
     stats, images, labels = Counter(), [], []

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from unifuse.eval.extractors import DOMAIN, INCEPTION, file_hash, inception_weights
 from unifuse.eval.protocol import EvalConfig  # noqa: F401  (the settings' home; re-exported)
-from unifuse.progress import interactive, progress
+from unifuse.run.progress import interactive, progress
 
 log = logging.getLogger("unifuse.eval")
 

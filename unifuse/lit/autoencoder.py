@@ -155,8 +155,8 @@ class ReconstructionModule(UnifuseModule):
     @torch.no_grad()
     def flops_per_batch(self, batch: dict) -> float:
         """Training FLOPs of one batch: the forward counted by torch's FlopCounterMode (CPU attention
-        included, :mod:`unifuse.flops`), x3."""
-        from unifuse.flops import forward_flops
+        included, :mod:`unifuse.run.flops`), x3."""
+        from unifuse.run.flops import forward_flops
 
         x = batch["image"]
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x

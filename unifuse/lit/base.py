@@ -1,6 +1,6 @@
 """What every unifuse LightningModule shares: optimizer/scheduler wiring from Hydra partials,
 checkpoint metadata (kind + architecture config, so nets rebuild without Lightning; which weights
-the checkpoint's state_dict holds), the loss and gradient guards of :mod:`unifuse.guard`, and the
+the checkpoint's state_dict holds), the loss and gradient guards of :mod:`unifuse.run.guard`, and the
 ``log_images`` hook that ``ImageLogger`` calls on rank 0."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from unifuse.guard import NonFiniteGuard, nonfinite_message, nonfinite_terms, total_norm_and_clip
+from unifuse.run.guard import NonFiniteGuard, nonfinite_message, nonfinite_terms, total_norm_and_clip
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -61,7 +61,7 @@ class UnifuseModule(L.LightningModule):
         checkpoint["unifuse"] = {**self.checkpoint_meta(), "weights": weights}
         checkpoint.update(self.checkpoint_extras())
 
-    # ------------------------------------------------------------------ guards (unifuse.guard)
+    # ------------------------------------------------------------------ guards (unifuse.run.guard)
     def finite_losses(self, terms: dict, batch: dict | None = None) -> bool:
         """Check a training step's loss terms before backward: True to go on, False to skip the
         batch (``guard.nonfinite=skip``, agreed by all ranks); stopping raises ``FloatingPointError``."""

@@ -5,7 +5,7 @@ with the codes of the frozen VQ-VAE tokenizer.
 
 Checkpoints carry the tokenizer (its config, weights and content hash; ``embed_tokenizer=false``
 stores only the config, hash and path) and the text tokenizer's vocabulary, so they sample and
-evaluate on any machine (see ``unifuse.checkpoint``)."""
+evaluate on any machine (see ``unifuse.run.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from unifuse.checkpoint import load_net, tokenizer_entry
 from unifuse.lit.base import UnifuseModule
 from unifuse.models.image_gpt import TokenImageModel
 from unifuse.models.maskgit import MaskGIT
@@ -23,7 +22,8 @@ from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
 from unifuse.pipeline import TokenImagePipeline
-from unifuse.resume import as_tuples
+from unifuse.run.checkpoint import load_net, tokenizer_entry
+from unifuse.run.resume import as_tuples
 from unifuse.text.tokenizer import ByteTokenizer
 
 

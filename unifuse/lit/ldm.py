@@ -3,7 +3,7 @@ autoencoder (encoded on the fly from image batches; in training the posterior is
 autoencoder was trained; validation takes its mean, so its loss moves only with the weights), text or
 class conditioned with caption dropout for guidance. The transport (DDPM or
 flow matching), target and loss weighting are the net's ``diffusion`` config; the loss math is
-:mod:`unifuse.diffusion`'s. EMA weights come from ``callbacks.ema`` (:mod:`unifuse.ema`), as for
+:mod:`unifuse.diffusion`'s. EMA weights come from ``callbacks.ema`` (:mod:`unifuse.run.ema`), as for
 every module."""
 
 from __future__ import annotations

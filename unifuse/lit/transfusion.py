@@ -29,10 +29,10 @@ from collections import Counter
 
 import torch
 
-from unifuse.flops import forward_flops
 from unifuse.lit.ldm import LatentDiffusionModule
 from unifuse.models.transfusion import IMAGE, Transfusion
 from unifuse.pipeline import TransfusionPipeline
+from unifuse.run.flops import forward_flops
 
 
 def caption_words(text: str) -> list[str]:

@@ -135,6 +135,6 @@ class KLAutoencoder(nn.Module):
 
 def load_kl_autoencoder(path: str | Path, map_location: str | torch.device = "cpu") -> KLAutoencoder:
     """Rebuild a trained KL autoencoder from a unifuse checkpoint or export directory, without Lightning."""
-    from unifuse.checkpoint import load_net
+    from unifuse.run.checkpoint import load_net
 
     return load_net(path, map_location, expect="kl_autoencoder")

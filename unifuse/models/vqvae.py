@@ -1,7 +1,7 @@
 """VQ-VAE image tokenizer: conv encoder -> 1x1 projection to low-dim codes -> vector quantizer ->
 1x1 projection back -> conv decoder. Usable without Lightning; ``load_vqvae`` rebuilds it from a
 training checkpoint or an exported directory (weights-only load, architecture from the stored
-config, see ``unifuse.checkpoint``)."""
+config, see ``unifuse.run.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,6 @@ class VQVAE(nn.Module):
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
     """Rebuild a trained tokenizer from a unifuse checkpoint or export directory, without Lightning."""
-    from unifuse.checkpoint import load_net
+    from unifuse.run.checkpoint import load_net
 
     return load_net(path, map_location, expect="vqvae")

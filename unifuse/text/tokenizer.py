@@ -67,7 +67,7 @@ class BPETokenizer:
         """Train on ``texts`` (reading them reports progress; so do the merges on a terminal)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        from unifuse.progress import interactive, progress
+        from unifuse.run.progress import interactive, progress
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

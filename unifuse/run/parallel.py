@@ -12,7 +12,7 @@ which needs GPUs).
 Checkpoints are sharded: ``last.ckpt`` is a directory written by ``torch.distributed.checkpoint``
 (one file per rank) plus Lightning's ``meta.pt``, written beside its name and renamed into place
 (:meth:`FSDP2Strategy.save_checkpoint`). ``ckpt_path=`` resumes from it; ``python -m unifuse.sample``
-/ ``evaluate`` / ``export`` read the weights from it in one process (:mod:`unifuse.sharded`).
+/ ``evaluate`` / ``export`` read the weights from it in one process (:mod:`unifuse.run.sharded`).
 
 Mixed precision: with ``trainer.precision=bf16-mixed`` the strategy also gives FSDP2 a
 ``MixedPrecisionPolicy`` (``bf16_params``): ranks all-gather bf16 copies of the float32 sharded
@@ -173,7 +173,7 @@ def check_callbacks(callbacks) -> None:
     weight and every rank takes part in each forward; one error names them all."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    from unifuse.callbacks import FidelityEval, ImageLogger
+    from unifuse.run.callbacks import FidelityEval, ImageLogger
 
     found = []
     for cb in callbacks:

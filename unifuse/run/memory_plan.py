@@ -260,7 +260,7 @@ def plan_from_config(cfg) -> MemoryPlan:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import WeightAveraging
 
-    from unifuse.parallel import import_class
+    from unifuse.run.parallel import import_class
 
     t, net_cfg = cfg.trainer, cfg.model.net
     strategy = t.get("strategy")  # a name ("ddp", "fsdp") or a node with _target_

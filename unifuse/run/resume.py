@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from unifuse.sharded import is_complete, is_sharded
+from unifuse.run.sharded import is_complete, is_sharded
 
 log = logging.getLogger("unifuse")
 
@@ -39,7 +39,7 @@ RESUME_SETTINGS = ("last", "auto")
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """The ``last*.ckpt`` files under ``run_dir`` that are whole, newest first. ``torch.save`` writes a zip
     whose directory is at the end of the file, so a file cut short by a crash does not read as a zip.
-    (Checkpoints are written to a temporary name and renamed into place, see ``unifuse.checkpoint_io``;
+    (Checkpoints are written to a temporary name and renamed into place, see ``unifuse.run.checkpoint_io``;
     this also skips files that some other writer left half-written.)"""
     found = [p for p in Path(run_dir).rglob("last*.ckpt") if p.is_file() or is_sharded(p)]
     whole = [p for p in found if (zipfile.is_zipfile(p) if p.is_file() else is_complete(p))]  # dirs: trainer=fsdp

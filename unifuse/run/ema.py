@@ -4,7 +4,7 @@ what unifuse needs on top of it.
 * ``weights`` (``eval.weights``): ``ema`` runs validation, the sample grids and the online
   evaluation on the average; ``raw`` runs them on the trained weights. Either way the average is
   kept and saved: Lightning stores it as the checkpoint's ``state_dict`` and the trained weights as
-  ``current_model_state``; :func:`unifuse.checkpoint.read_checkpoint` picks one (``weights=``).
+  ``current_model_state``; :func:`unifuse.run.checkpoint.read_checkpoint` picks one (``weights=``).
 * The average stays swapped in until the end of validation, module hooks included. (Lightning
   swaps back in the callbacks' ``on_validation_epoch_end``, which runs before the module's own:
   Transfusion's caption ranking and the VQ codebook usage would see the trained weights.)

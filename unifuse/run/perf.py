@@ -1,5 +1,5 @@
 """Peak FLOP/s for model FLOPs utilisation (MFU): what a device can do in the dtype a training step
-computes in. One place for the training callback (``unifuse.callbacks.StepThroughput``) and the
+computes in. One place for the training callback (``unifuse.run.callbacks.StepThroughput``) and the
 benchmarks under ``experiments/bench``.
 
 * GPUs (and TPUs): Lightning's datasheet table, ``get_available_flops(device, dtype)``. For float32

@@ -153,10 +153,10 @@ def _choose_weights(requested: str | None, available: tuple[str, ...], protocol:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     weights: str | None = None) -> Checkpoint:
     """A Lightning checkpoint (weights-only load), a sharded one (a directory of ``trainer=fsdp``
-    shards, see :mod:`unifuse.sharded`) or an export directory (safetensors). ``weights``: ``ema``
+    shards, see :mod:`unifuse.run.sharded`) or an export directory (safetensors). ``weights``: ``ema``
     (the average of ``callbacks.ema``) or ``raw`` (the trained weights); None: the run's
     ``eval.weights``, raw for a checkpoint without an average."""
-    from unifuse.sharded import is_sharded, read_sharded
+    from unifuse.run.sharded import is_sharded, read_sharded
 
     path = Path(path).expanduser()
     if path.is_dir() and not is_sharded(path):

@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from unifuse.perf import compute_dtype, peak_flops
-from unifuse.viz import save_captioned_grid
+from unifuse.run.perf import compute_dtype, peak_flops
+from unifuse.run.viz import save_captioned_grid
 
 log = logging.getLogger("unifuse")
 
@@ -121,7 +121,7 @@ class StepThroughput(L.Callback):
     samples/s / the peak FLOP/s of one device in the dtype the step computes in (from
     ``trainer.precision``: bf16-mixed -> bfloat16, 16-mixed -> float16, 32-true -> float32, TF32 on
     GPUs when the float32 matmul precision allows it): Lightning's table for GPUs, a GEMM measured
-    in that dtype on CPUs (:func:`unifuse.perf.peak_flops`)."""
+    in that dtype on CPUs (:func:`unifuse.run.perf.peak_flops`)."""
 
     def __init__(self, log_every_n_steps: int = 50):
         self.every = log_every_n_steps
@@ -183,7 +183,7 @@ def _batch_size(batch) -> int:
 class SampleAudit(L.Callback):
     """Records, per rank, how many training batches ran in each epoch and which sample keys they
     held, into ``<out_dir>/rank<r>.json``. For checking data plans (equal batches on every rank,
-    no sample twice in an epoch): ``+callbacks.audit={_target_: unifuse.callbacks.SampleAudit, ...}``."""
+    no sample twice in an epoch): ``+callbacks.audit={_target_: unifuse.run.callbacks.SampleAudit, ...}``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
@@ -258,9 +258,9 @@ class FidelityEval(L.Callback):
             return
         if not trainer.is_global_zero:
             return
-        from unifuse.checkpoint import get_kind
-        from unifuse.ema import weights_in_use
         from unifuse.eval.fidelity import EVALUATORS, metric_name
+        from unifuse.run.checkpoint import get_kind
+        from unifuse.run.ema import weights_in_use
 
         kind = get_kind(pl_module.kind)
         weights = weights_in_use(trainer)  # callbacks.ema keeps the average in until validation ends
