@@ -105,7 +105,7 @@ def test_sampling_cli_defaults_to_the_checkpoint_sampling_settings():
     from unifuse.models.image_gpt import ImageGPT
     from unifuse.models.maskgit import MaskGIT
     from unifuse.models.transformer import TransformerConfig
-    from unifuse.pipeline import TokenImagePipeline
+    from unifuse.pipelines import TokenImagePipeline
     from unifuse.text.vocab import VocabLayout
 
     stored = {"cfg_scale": 1.5, "temperature": 0.8, "top_k": None, "top_p": 0.95, "seed": 0, "steps": 12}

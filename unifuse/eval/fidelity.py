@@ -161,7 +161,7 @@ def evaluate_tokenizer(net, cfg: EvalConfig, weights: str = "raw") -> dict:
 def evaluate_generator(pipeline, cfg: EvalConfig, weights: str = "raw", **overrides) -> dict:
     """FID/KID of images generated from the reference set's own captions (paired prompts).
 
-    ``pipeline``: prompts -> images (``unifuse.pipeline``), with its stored sampling settings;
+    ``pipeline``: prompts -> images (``unifuse.pipelines``), with its stored sampling settings;
     ``overrides`` replace some of them. Image i is drawn with seed ``cfg.seed + i`` (per-row
     generators), so the result does not depend on the batch size."""
     ref, captions = reference_set(cfg.reference, cfg.n)

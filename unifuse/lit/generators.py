@@ -21,7 +21,7 @@ from unifuse.models.maskgit import MaskGIT
 from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
-from unifuse.pipeline import TokenImagePipeline
+from unifuse.pipelines import TokenImagePipeline
 from unifuse.run.checkpoint import load_net, tokenizer_entry
 from unifuse.run.resume import as_tuples
 from unifuse.text.tokenizer import ByteTokenizer

@@ -13,7 +13,7 @@ import torch
 from unifuse.lit.generators import GeneratorModule
 from unifuse.models.dit import DiT
 from unifuse.models.kl_autoencoder import KLAutoencoder
-from unifuse.pipeline import LatentDiffusionPipeline
+from unifuse.pipelines import LatentDiffusionPipeline
 
 
 class LatentDiffusionModule(GeneratorModule):

@@ -31,7 +31,7 @@ import torch
 
 from unifuse.lit.ldm import LatentDiffusionModule
 from unifuse.models.transfusion import IMAGE, Transfusion
-from unifuse.pipeline import TransfusionPipeline
+from unifuse.pipelines import TransfusionPipeline
 from unifuse.run.flops import forward_flops
 
 

@@ -68,11 +68,11 @@ def register(kind: Kind) -> Kind:
 register(Kind("vqvae", "unifuse.models.vqvae:VQVAE", "reconstruction"))
 register(Kind("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder", "reconstruction"))
 register(Kind("identity", "unifuse.models.pixels:PixelSpace", "reconstruction"))  # pixels as latents
-register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
-register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipeline:TokenImagePipeline"))
-register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipeline:LatentDiffusionPipeline"))
+register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipelines:TokenImagePipeline"))
+register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipelines:TokenImagePipeline"))
+register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipelines:LatentDiffusionPipeline"))
 register(Kind("transfusion", "unifuse.models.transfusion:Transfusion", "text-to-image",
-              "unifuse.pipeline:TransfusionPipeline"))
+              "unifuse.pipelines:TransfusionPipeline"))
 
 
 def _import(target: str):

@@ -1,0 +1,39 @@
+"""Prompts -> images for the discrete-token generators (AR GPT, MaskGIT) and their VQ tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unifuse.pipelines.base import Pipeline
+
+
+class TokenImagePipeline(Pipeline):
+    """A discrete-token generator (``generate(conds, **sampling) -> codes``) + its VQ tokenizer."""
+
+    def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
+        super().__init__(net, tokenizer, cond, sampling)
+        codes = getattr(tokenizer, "codebook_size", None)
+        if codes is not None and codes != net.vocab.image_codes:
+            raise ValueError(f"the image tokenizer has {codes} codes but the generator's vocabulary has "
+                             f"{net.vocab.image_codes} image codes: pass the tokenizer it was trained with")
+
+    @property
+    def kind(self) -> str:
+        return self.net.kind
+
+    def settings(self, **overrides) -> dict:
+        """The stored sampling settings with ``overrides`` applied, reduced to what this net takes."""
+        return self.net.sampling_kwargs({**self.sampling, **overrides})
+
+    @torch.no_grad()
+    def generate(self, prompts: list, **overrides) -> torch.Tensor:
+        """(len(prompts), 3, H, W) images in [-1, 1]. ``overrides``: sampling settings (cfg_scale,
+        temperature, steps, seed, ...) over the stored ones; ``progress=True`` shows a bar."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            codes = self.net.generate(self.conditions(prompts), **self.settings(**overrides))
+        finally:
+            self.net.train(was_training)
+        return self.tokenizer.decode(codes).clamp(-1, 1)

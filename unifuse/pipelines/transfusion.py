@@ -1,0 +1,55 @@
+"""Prompts -> images, images -> captions and interleaved documents for a Transfusion model."""
+
+from __future__ import annotations
+
+import torch
+
+from unifuse.pipelines.latent import LatentDiffusionPipeline
+
+
+class TransfusionPipeline(LatentDiffusionPipeline):
+    """A Transfusion model (``unifuse.models.transfusion``) + the KL autoencoder of its image blocks:
+    text -> image (``generate``), image -> text (``caption``) and interleaved documents
+    (``document``), all through the model's KV-cached decoding."""
+
+    @property
+    def kind(self) -> str:
+        return "transfusion"
+
+    @torch.no_grad()
+    def latents(self, prompts: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
+                cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
+                progress: bool = False) -> torch.Tensor:
+        return self.net.generate(self.conditions(prompts), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                 cfg_schedule=cfg_schedule, eta=eta, seed=seed)
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
+                seed: int | None = 0) -> list[str]:
+        """Images in [-1, 1] (B, 3, H, W) -> captions (greedy by default)."""
+        z = self.tokenizer.encode_latents(images.to(next(self.net.parameters()).device))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.net.caption(z, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        finally:
+            self.net.train(was_training)
+
+    @torch.no_grad()
+    def document(self, parts: list[str | None], max_new_tokens: int = 0, temperature: float = 1.0,
+                 **overrides) -> list[dict]:
+        """Interleaved generation (see ``Transfusion.document``); image segments come back decoded,
+        as (3, H, W) images in [-1, 1]."""
+        s = self.settings(**overrides)
+        s.pop("progress", None)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            segs = self.net.document(parts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     **{k: v for k, v in s.items() if v is not None or k == "cfg_scale"})
+        finally:
+            self.net.train(was_training)
+        for seg in segs:
+            if "image" in seg:
+                seg["image"] = self.tokenizer.decode_latents(seg["image"][None]).clamp(-1, 1)[0]
+        return segs
