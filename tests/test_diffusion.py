@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unifuse.diffusion import FlowMatching, GaussianDiffusion, Guidance, NoiseSchedule, make_sampler
+from unifuse.diffusion import FlowMatching, GaussianDiffusion, NoiseSchedule, make_sampler
 from unifuse.diffusion.flow import shift_time
 from unifuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, FlowEuler, FlowHeun, guided_sample
+from unifuse.sampling.guidance import Guidance
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -254,18 +255,18 @@ def test_guidance_scale_one_is_the_conditional_output_and_batches_cond_with_unco
 
     x, t = torch.randn(4, 3), torch.zeros(4)
     cond, uncond = torch.full((4,), 2.0), torch.full((4,), 0.5)
-    torch.testing.assert_close(Guidance(1.0).wrap(net, cond, uncond, 10)(x, t), net(x, t, cond))
+    torch.testing.assert_close(Guidance(1.0).denoiser(net, cond, uncond, 10)(x, t), net(x, t, cond))
     calls.clear()
-    out = Guidance(3.0).wrap(net, cond, uncond, 10)(x, t)
+    out = Guidance(3.0).denoiser(net, cond, uncond, 10)(x, t)
     assert calls == [8]  # one batched forward of cond and uncond
     torch.testing.assert_close(out, x * 0.5 + 3.0 * (x * 2.0 - x * 0.5))
     # interval: guidance only inside it; linear ramp: 1 -> scale
-    g = Guidance(3.0, interval=(0.6, 1.0)).wrap(net, cond, uncond, 4)  # calls at progress 1/4, 2/4, 3/4, 1
+    g = Guidance(3.0, interval=(0.6, 1.0)).denoiser(net, cond, uncond, 4)  # calls at progress 1/4, 2/4, 3/4, 1
     calls.clear()
     for _ in range(4):
         g(x, t)
     assert calls == [4, 4, 8, 8]
-    ramp = Guidance(3.0, schedule="linear").wrap(net, cond, uncond, 2)
+    ramp = Guidance(3.0, schedule="linear").denoiser(net, cond, uncond, 2)
     first = ramp(x, t)
     torch.testing.assert_close(first, x * 0.5 + 2.0 * (x * 2.0 - x * 0.5))  # progress 1/2: 1 + (3-1)/2
 
@@ -273,7 +274,7 @@ def test_guidance_scale_one_is_the_conditional_output_and_batches_cond_with_unco
 @pytest.mark.parametrize("sampler,calls", [("heun", 7), ("euler", 4)])
 def test_a_linear_guidance_ramp_reaches_its_scale_on_the_samplers_last_call(sampler, calls, monkeypatch):
     """guided_sample measures progress in the sampler's model calls: Heun makes 2 * steps - 1."""
-    import unifuse.diffusion.guidance as guidance
+    import unifuse.sampling.guidance as guidance
 
     progress, real = [], guidance.guidance_scale
     monkeypatch.setattr(guidance, "guidance_scale", lambda s, schedule, p: progress.append(p) or real(s, schedule, p))

@@ -11,8 +11,9 @@ from tests.conftest import packed
 from unifuse.models.attention import MaskSpec, attend, dense_mask
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
-from unifuse.models.sampling import filter_logits, guidance_scale, sample_logits
 from unifuse.models.transformer import SIZES, Transformer, TransformerConfig, config_for
+from unifuse.sampling.guidance import guidance_scale
+from unifuse.sampling.tokens import filter_logits, sample_logits
 from unifuse.text.vocab import VocabLayout
 
 TINY = TransformerConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True)

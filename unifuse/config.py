@@ -13,8 +13,9 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -24,9 +25,9 @@ from unifuse.models.autoencoder import AutoencoderConfig
 from unifuse.models.discriminator import AdversarialConfig
 from unifuse.models.dit import DiTConfig
 from unifuse.models.quantize import QuantizerConfig
-from unifuse.models.sampling import SamplingConfig
 from unifuse.models.transformer import TransformerConfig
 from unifuse.models.transfusion import TransfusionConfig
+from unifuse.sampling.settings import SamplingSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -166,18 +167,11 @@ def under(root: str | None, name: str, fallback: str | None = None) -> str | Non
 
 # ----------------------------------------------------------------------------- the CLI apps' schemas
 # Sampling and evaluation fields left at ??? (MISSING) take the value stored in the checkpoint; a
-# value given on the command line overrides it (``cfg_scale=null``: no guidance).
-@dataclass
-class SamplingOverrides:
-    cfg_scale: float | None = MISSING
-    cfg_schedule: str = MISSING
-    temperature: float = MISSING
-    top_k: int | None = MISSING
-    top_p: float | None = MISSING
-    steps: int | None = MISSING
-    sampler: str | None = MISSING
-    eta: float = MISSING
-    seed: int = MISSING
+# value given on the command line overrides it (``cfg_scale=null``: no guidance). The fields are
+# SamplingSettings' own, each defaulting to ???.
+SamplingOverrides = make_dataclass(
+    "SamplingOverrides",
+    [(f.name, get_type_hints(SamplingSettings)[f.name], field(default=MISSING)) for f in fields(SamplingSettings)])
 
 
 @dataclass
@@ -325,7 +319,7 @@ def register() -> None:
     cs.store(group="schema", name="dit", node=DiTConfig)
     cs.store(group="schema", name="transfusion", node=TransfusionConfig)
     cs.store(group="schema", name="adversarial", node=AdversarialConfig)
-    cs.store(group="schema", name="sampling", node=SamplingConfig)
+    cs.store(group="schema", name="sampling", node=SamplingSettings)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)
     cs.store(group="schema", name="guard", node=GuardConfig)
     cs.store(name="sample_schema", node=SampleApp)

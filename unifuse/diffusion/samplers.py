@@ -2,7 +2,7 @@
 flow matching.
 
 Every sampler is driven by ``model(x, t) -> output`` (the network's raw output in its transport's
-prediction type, guidance already applied; see :mod:`unifuse.diffusion.guidance`), so latent
+prediction type, guidance already applied; see :mod:`unifuse.sampling.guidance`), so latent
 diffusion and Transfusion run the same code. ``t`` is a (B,) tensor: integer timesteps for the
 Gaussian transport, floats in [0, 1] for flow matching. A sampler is also usable one step at a
 time (``grid()``, ``step(i, x, out, noise)``), which is how the tests hold each step against
@@ -21,6 +21,7 @@ import torch
 
 from unifuse.diffusion.flow import FlowMatching
 from unifuse.diffusion.schedule import GaussianDiffusion
+from unifuse.sampling.guidance import Guidance
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -253,9 +254,7 @@ def guided_sample(transport, net, shape: tuple[int, ...], sampler: str, steps: i
                   uncond=None, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Noise of ``shape`` -> a sample: a sampler by name for ``transport`` driving
     ``net(x, t, cond)`` under classifier-free guidance (cond and uncond rows batched)."""
-    from unifuse.diffusion.guidance import Guidance
-
     smp = make_sampler(sampler, transport, int(steps), **({"eta": eta} if sampler == "ddim" else {}))
-    model = Guidance(cfg_scale, cfg_schedule).wrap(net, cond, uncond, smp.model_calls)
+    model = Guidance(cfg_scale, cfg_schedule).denoiser(net, cond, uncond, smp.model_calls)
     x = randn_like(torch.empty(shape, device=device), generator)
     return smp.run(model, x, generator=generator, callback=callback)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from unifuse.eval.extractors import DOMAIN, INCEPTION, file_hash, inception_weights
 from unifuse.eval.protocol import EvalConfig  # noqa: F401  (the settings' home; re-exported)
 from unifuse.run.progress import interactive, progress
+from unifuse.sampling import eval_mode
 
 log = logging.getLogger("unifuse.eval")
 
@@ -138,15 +139,13 @@ def evaluate_tokenizer(net, cfg: EvalConfig, weights: str = "raw") -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     ref, _ = reference_set(cfg.reference, cfg.n)
-    was_training = net.training
-    net.eval()
     dev = next(net.parameters()).device
     recon = []
     batches = range(0, len(ref), cfg.batch_size)
-    for i in progress(batches, total=len(batches), desc=f"reconstruct {len(ref)} images", unit="batch"):
-        x = ref[i : i + cfg.batch_size].to(dev).float() / 127.5 - 1
-        recon.append(to_uint8(net(x)[0]))
-    net.train(was_training)
+    with eval_mode(net):
+        for i in progress(batches, total=len(batches), desc=f"reconstruct {len(ref)} images", unit="batch"):
+            x = ref[i : i + cfg.batch_size].to(dev).float() / 127.5 - 1
+            recon.append(to_uint8(net(x)[0]))
     recon = torch.cat(recon)
     protocol = _protocol(cfg, len(ref), ref, task="reconstruction", weights=weights)
     m = fidelity(recon, ref, cfg, _cache_key(protocol))

@@ -24,8 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from unifuse.models.sampling import Prompts, guidance_scale, left_padded, row_generators, sample_logits
 from unifuse.models.transformer import Transformer, TransformerConfig
+from unifuse.sampling.guidance import guidance_scale
+from unifuse.sampling.rows import Prompts, left_padded
+from unifuse.sampling.tokens import row_generators, sample_logits
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 

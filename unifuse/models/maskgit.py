@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from unifuse.models.image_gpt import TokenImageModel
-from unifuse.models.sampling import guidance_scale, row_generators, sample_logits
+from unifuse.sampling.guidance import guidance_scale
+from unifuse.sampling.tokens import row_generators, sample_logits
 
 
 def cosine_schedule(r: torch.Tensor | float):

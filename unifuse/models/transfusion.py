@@ -54,8 +54,9 @@ from unifuse.diffusion import DiffusionConfig, FlowMatching
 from unifuse.diffusion.samplers import guided_sample
 from unifuse.models.autoencoder import AttnBlock, Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
-from unifuse.models.sampling import left_padded, row_generators, sample_logits
 from unifuse.models.transformer import AdaLN, KVCache, PositionCond, Transformer, TransformerConfig
+from unifuse.sampling.rows import left_padded
+from unifuse.sampling.tokens import row_generators, sample_logits
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from unifuse.pipelines.base import Pipeline
 from unifuse.run.progress import interactive
+from unifuse.sampling import eval_mode
 
 
 class LatentDiffusionPipeline(Pipeline):
@@ -42,7 +43,7 @@ class LatentDiffusionPipeline(Pipeline):
                 cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
                 progress: bool = False) -> torch.Tensor:
         from unifuse.diffusion.samplers import guided_sample
-        from unifuse.models.sampling import row_generators
+        from unifuse.sampling.tokens import row_generators
 
         net = self.net
         dev = next(net.parameters()).device
@@ -64,10 +65,6 @@ class LatentDiffusionPipeline(Pipeline):
     def generate(self, prompts: list, **overrides) -> torch.Tensor:
         """(len(prompts), 3, H, W) images in [-1, 1]; ``overrides``: sampler, steps, cfg_scale,
         cfg_schedule, eta, seed over the stored settings. Row r with seed s uses seed s + r."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             z = self.latents(prompts, **self.settings(**overrides))
-        finally:
-            self.net.train(was_training)
         return self.tokenizer.decode_latents(z).clamp(-1, 1)

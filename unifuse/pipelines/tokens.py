@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from unifuse.pipelines.base import Pipeline
+from unifuse.sampling import eval_mode
 
 
 class TokenImagePipeline(Pipeline):
@@ -30,10 +31,6 @@ class TokenImagePipeline(Pipeline):
     def generate(self, prompts: list, **overrides) -> torch.Tensor:
         """(len(prompts), 3, H, W) images in [-1, 1]. ``overrides``: sampling settings (cfg_scale,
         temperature, steps, seed, ...) over the stored ones; ``progress=True`` shows a bar."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             codes = self.net.generate(self.conditions(prompts), **self.settings(**overrides))
-        finally:
-            self.net.train(was_training)
         return self.tokenizer.decode(codes).clamp(-1, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from unifuse.pipelines.latent import LatentDiffusionPipeline
+from unifuse.sampling import eval_mode
 
 
 class TransfusionPipeline(LatentDiffusionPipeline):
@@ -28,12 +29,8 @@ class TransfusionPipeline(LatentDiffusionPipeline):
                 seed: int | None = 0) -> list[str]:
         """Images in [-1, 1] (B, 3, H, W) -> captions (greedy by default)."""
         z = self.tokenizer.encode_latents(images.to(next(self.net.parameters()).device))
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             return self.net.caption(z, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        finally:
-            self.net.train(was_training)
 
     @torch.no_grad()
     def document(self, parts: list[str | None], max_new_tokens: int = 0, temperature: float = 1.0,
@@ -42,13 +39,9 @@ class TransfusionPipeline(LatentDiffusionPipeline):
         as (3, H, W) images in [-1, 1]."""
         s = self.settings(**overrides)
         s.pop("progress", None)
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             segs = self.net.document(parts, max_new_tokens=max_new_tokens, temperature=temperature,
                                      **{k: v for k, v in s.items() if v is not None or k == "cfg_scale"})
-        finally:
-            self.net.train(was_training)
         for seg in segs:
             if "image" in seg:
                 seg["image"] = self.tokenizer.decode_latents(seg["image"][None]).clamp(-1, 1)[0]

@@ -16,6 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from unifuse.run.perf import compute_dtype, peak_flops
 from unifuse.run.viz import save_captioned_grid
+from unifuse.sampling import eval_mode
 
 log = logging.getLogger("unifuse")
 
@@ -35,10 +36,8 @@ class ImageLogger(L.Callback):
             return
         if trainer.current_epoch % self.every_n_epochs:
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        grids = pl_module.log_images(batch)
-        pl_module.train(was_training)
+        with eval_mode(pl_module):
+            grids = pl_module.log_images(batch)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, (images, captions) in grids.items():
             images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
