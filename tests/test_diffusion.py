@@ -11,6 +11,7 @@ from unifuse.diffusion import FlowMatching, GaussianDiffusion, NoiseSchedule, ma
 from unifuse.diffusion.flow import shift_time
 from unifuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, FlowEuler, FlowHeun, guided_sample
 from unifuse.sampling.guidance import Guidance
+from unifuse.sampling.settings import SamplingSettings
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -278,8 +279,9 @@ def test_a_linear_guidance_ramp_reaches_its_scale_on_the_samplers_last_call(samp
 
     progress, real = [], guidance.guidance_scale
     monkeypatch.setattr(guidance, "guidance_scale", lambda s, schedule, p: progress.append(p) or real(s, schedule, p))
-    guided_sample(FlowMatching(), lambda x, t, c: x * c.reshape(-1, 1), (2, 3), sampler, 4, cfg_scale=3.0,
-                  cfg_schedule="linear", cond=torch.ones(2), uncond=torch.zeros(2))
+    guided_sample(FlowMatching(), lambda x, t, c: x * c.reshape(-1, 1), (2, 3),
+                  SamplingSettings(sampler=sampler, steps=4, cfg_scale=3.0, cfg_schedule="linear"),
+                  cond=torch.ones(2), uncond=torch.zeros(2))
     assert len(progress) == calls and progress[-1] == 1.0 and progress == sorted(set(progress))
 
 

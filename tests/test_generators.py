@@ -112,11 +112,12 @@ def test_sampling_cli_defaults_to_the_checkpoint_sampling_settings():
     tiny = dict(transformer=TransformerConfig(dim=16, n_layers=1, n_heads=2), vocab=VocabLayout(image_codes=8), grid=2)
     cli = given(compose_app("sample", ["ckpt=x", "temperature=1.0", "top_k=50"]), SamplingOverrides)
     assert cli == {"temperature": 1.0, "top_k": 50}  # only what the command line sets
-    ar = TokenImagePipeline(ImageGPT(**tiny), object(), sampling=stored).settings(**cli)
-    assert ar == {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 0}  # no steps
+    pipe = TokenImagePipeline(ImageGPT(**tiny), object(), sampling=stored)
+    assert pipe.arguments(pipe.settings(**cli)) == {"cfg_scale": 1.5, "cfg_schedule": "constant", "temperature": 1.0,
+                                                    "top_k": 50, "top_p": 0.95, "seed": 0}  # no steps
     cli = given(compose_app("sample", ["ckpt=x", "cfg_scale=null", "cfg_schedule=linear"]), SamplingOverrides)
     mg = TokenImagePipeline(MaskGIT(**tiny), object(), sampling=stored).settings(**cli)
-    assert mg["cfg_scale"] is None and mg["steps"] == 12 and mg["cfg_schedule"] == "linear"
+    assert mg.cfg_scale is None and mg.steps == 12 and mg.cfg_schedule == "linear"
 
 
 def test_ddp_two_processes_ar_gpt(tiny_codes, tiny_tokenizer, tmp_path):

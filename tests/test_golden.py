@@ -166,9 +166,9 @@ def produce_token_samples(runs: Runs, kind: str) -> dict:
     out = {}
     for cfg in (None, CFG):
         for cache in (True, False):
-            s = pipe.settings(cfg_scale=cfg, seed=SEED, steps=4, use_cache=cache)
+            s = pipe.arguments(pipe.settings(cfg_scale=cfg, seed=SEED, steps=4))
             with one_thread():
-                codes, more = pipe.net.generate(conds, **s, **{flag: True})
+                codes, more = pipe.net.generate(conds, use_cache=cache, **s, **{flag: True})
             out[f"cfg{cfg}_cache{cache}"], out[f"cfg{cfg}_cache{cache}.{extra}"] = codes, more
     return {"tensors": out, "values": None}
 
@@ -185,7 +185,7 @@ def produce_ldm_samples(runs: Runs, kind: str) -> dict:
         for cfg in (None, CFG):
             s = pipe.settings(sampler=sampler, eta=eta, steps=4, cfg_scale=cfg, seed=SEED)
             with one_thread():
-                out[f"{sampler}_eta{eta}_cfg{cfg}"] = pipe.latents(PROMPTS, **s)
+                out[f"{sampler}_eta{eta}_cfg{cfg}"] = pipe.latents(PROMPTS, s)
     return {"tensors": out, "values": None}
 
 
@@ -197,7 +197,7 @@ def produce_transfusion_samples(runs: Runs) -> dict:
     for sampler in ("ddim", "ddpm"):
         for cfg in (None, CFG):
             for cache in (True, False):
-                s = pipe.settings(sampler=sampler, steps=3, cfg_scale=cfg, seed=SEED)
+                s = pipe.arguments(pipe.settings(sampler=sampler, steps=3, cfg_scale=cfg, seed=SEED))
                 with one_thread():
                     out[f"{sampler}_cfg{cfg}_cache{cache}"] = pipe.net.generate(conds, use_cache=cache, **s)
     return {"tensors": out, "values": None}

@@ -147,7 +147,7 @@ def sample(cfg: DictConfig) -> Path:
         return write_document(cfg, pipe, ck, given(cfg, SamplingOverrides))
     prompts = parse_prompts(cfg.prompt, cfg.uncond)
     overrides = given(cfg, SamplingOverrides)
-    settings = pipe.settings(**overrides)
+    settings = pipe.arguments(pipe.settings(**overrides))
     n = cfg.n
     conds = [p for p in prompts for _ in range(n)]
     t = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Convention: **t = 0 is data, t = 1 is noise** (diffusers' sigma convention; SiT uses the opposite):
 ``x_t = (1 - t) * x0 + t * eps``, and the network predicts the velocity ``dx_t/dt = eps - x0``.
-Sampling integrates from t = 1 to t = 0. Training times are uniform or logit-normal
+Sampling integrates from t = 1 to t = 0; a network sees ``1000 t`` (:meth:`FlowMatching.network_time`),
+the scale of the DDPM timesteps its time embedding was designed for. Training times are uniform or logit-normal
 (``t = sigmoid(N(mean, std))``, SD3's default), and a ``shift`` s > 1 moves them (and the
 sampling grid) towards the noise end, ``t -> s t / (1 + (s - 1) t)``, which larger images need
 (their pixels are more redundant, so a given t destroys less of them)."""
@@ -22,6 +23,10 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
+# what a network's time embedding sees for a flow time in [0, 1]: the range of DDPM's timesteps
+NETWORK_TIME_SCALE = 1000.0
+
+
 @dataclass
 class FlowMatching:
     time_sampling: str = "logit_normal"
@@ -29,11 +34,24 @@ class FlowMatching:
     logit_std: float = 1.0
     shift: float = 1.0
 
+    default_sampler = "euler"  # class attribute, not a field
+
     def __post_init__(self):
         if self.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"flow time sampling must be one of {TIME_SAMPLING}, not {self.time_sampling!r}")
         if self.shift <= 0:
             raise ValueError(f"flow shift must be > 0, not {self.shift}")
+
+    @staticmethod
+    def network_time(t: torch.Tensor) -> torch.Tensor:
+        """The time a network embeds for flow times ``t`` in [0, 1]: ``1000 t``. Integer times are
+        already on that scale and pass through."""
+        return t * NETWORK_TIME_SCALE if t.is_floating_point() else t
+
+    @staticmethod
+    def clean_time(batch: int, device) -> torch.Tensor:
+        """(batch,) times of a clean sample: 0.0 (float, as every flow time)."""
+        return torch.zeros(batch, device=device)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.float().reshape(t.shape + (1,) * (x0.dim() - t.dim()))
@@ -64,8 +82,15 @@ class FlowMatching:
         """Per-sample velocity MSE (B,), in float32; ``model`` gets float times in [0, 1]."""
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         eps = torch.randn_like(x0) if eps is None else eps
-        x_t = self.add_noise(x0, eps, t)
-        out = model(x_t, t)
+        return self.prediction_loss(model(self.noised(x0, t, eps), t), x0, eps, t)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The training input x_t of clean ``x0`` at times ``t`` with noise ``eps``."""
+        return self.add_noise(x0, eps, t)
+
+    def prediction_loss(self, out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample velocity MSE (B,) of a network's output ``out`` at :meth:`noised`, in float32
+        (:meth:`loss` in two halves, for a network that returns more)."""
         with torch.autocast(x0.device.type, enabled=False):
             return F.mse_loss(out.float(), self.target(x0, eps), reduction="none").flatten(1).mean(1)
 

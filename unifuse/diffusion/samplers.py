@@ -16,12 +16,14 @@ per row so a prompt gives the same image alone or in a batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from unifuse.diffusion.flow import FlowMatching
 from unifuse.diffusion.schedule import GaussianDiffusion
 from unifuse.sampling.guidance import Guidance
+from unifuse.sampling.settings import SamplingSettings
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,9 +39,12 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generato
 
 
 class Sampler:
-    """Base: ``run`` walks ``grid()`` calling the model once per step (Heun twice)."""
+    """Base: ``run`` walks ``grid()`` calling the model ``calls_per_step`` times per step and
+    ``last_step_calls`` on the last one."""
 
     stochastic = False
+    calls_per_step = 1
+    last_step_calls = 1
 
     def grid(self) -> list:
         raise NotImplementedError
@@ -53,7 +58,7 @@ class Sampler:
     @property
     def model_calls(self) -> int:
         """Model calls of one ``run`` (guidance schedules measure sampling progress in them)."""
-        return len(self.grid())
+        return self.calls_per_step * (len(self.grid()) - 1) + self.last_step_calls
 
     def _t(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), self.grid()[i], device=x.device)
@@ -208,9 +213,7 @@ class FlowEuler(_Flow):
 class FlowHeun(_Flow):
     """Heun's second-order steps (two model calls per step; the last step, landing on t = 0, is Euler)."""
 
-    @property
-    def model_calls(self) -> int:
-        return 2 * self.steps - 1
+    calls_per_step = 2
 
     @torch.no_grad()
     def run(self, model, x, generator=None, callback=None):
@@ -229,32 +232,81 @@ class FlowHeun(_Flow):
         return x
 
 
-SAMPLERS: dict[str, tuple[type, type]] = {
-    "ddpm": (GaussianDiffusion, DDPM),
-    "ddim": (GaussianDiffusion, DDIM),
-    "dpmpp_2m": (GaussianDiffusion, DPMSolverPP),
-    "euler": (FlowMatching, FlowEuler),
-    "heun": (FlowMatching, FlowHeun),
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a sampler name means: its class, the transport it serves, the options it takes beyond
+    the number of steps (settings of the same name) and its default number of steps."""
+
+    cls: type[Sampler]
+    transport: type
+    options: tuple[str, ...] = ()
+    default_steps: int = 50
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(DDPM, GaussianDiffusion, default_steps=1000),
+    "ddim": SamplerSpec(DDIM, GaussianDiffusion, options=("eta",)),
+    "dpmpp_2m": SamplerSpec(DPMSolverPP, GaussianDiffusion),
+    "euler": SamplerSpec(FlowEuler, FlowMatching),
+    "heun": SamplerSpec(FlowHeun, FlowMatching),
 }
 
 
-def make_sampler(name: str, transport, steps: int, **options) -> Sampler:
-    """A sampler by name for ``transport`` (a GaussianDiffusion or FlowMatching)."""
+def sampler_spec(name: str, transport) -> SamplerSpec:
+    """The registry entry of ``name``, refused (one line) when unknown or made for another transport."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, not {name!r}")
-    kind, cls = SAMPLERS[name]
-    if not isinstance(transport, kind):
-        ok = sorted(n for n, (k, _) in SAMPLERS.items() if isinstance(transport, k))
-        raise ValueError(f"sampler {name!r} needs a {kind.__name__} transport; for {type(transport).__name__}: {ok}")
-    return cls(transport, steps=steps, **options)
+    spec = SAMPLERS[name]
+    if not isinstance(transport, spec.transport):
+        ok = sorted(n for n, s in SAMPLERS.items() if isinstance(transport, s.transport))
+        raise ValueError(f"sampler {name!r} needs a {spec.transport.__name__} transport; for "
+                         f"{type(transport).__name__}: {ok}")
+    return spec
 
 
-def guided_sample(transport, net, shape: tuple[int, ...], sampler: str, steps: int, cfg_scale: float | None = None,
-                  cfg_schedule: str = "constant", eta: float = 0.0, generator=None, device=None, cond=None,
-                  uncond=None, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Noise of ``shape`` -> a sample: a sampler by name for ``transport`` driving
-    ``net(x, t, cond)`` under classifier-free guidance (cond and uncond rows batched)."""
-    smp = make_sampler(sampler, transport, int(steps), **({"eta": eta} if sampler == "ddim" else {}))
-    model = Guidance(cfg_scale, cfg_schedule).denoiser(net, cond, uncond, smp.model_calls)
+def sampler_defaults(transport, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """(sampler, steps) with the transport's default sampler and that sampler's default steps
+    where unset (None or 0)."""
+    name = sampler or transport.default_sampler
+    spec = sampler_spec(name, transport)
+    return name, int(steps or spec.default_steps)
+
+
+def make_sampler(name: str, transport, steps: int, **options) -> Sampler:
+    """A sampler by name for ``transport`` (a GaussianDiffusion or FlowMatching) with ``options``
+    among those it declares."""
+    spec = sampler_spec(name, transport)
+    for key in options:
+        if key not in spec.options:
+            takes = sorted(n for n, s in SAMPLERS.items() if key in s.options)
+            raise ValueError(f"sampler {name!r} takes no {key!r} (only {', '.join(takes) or 'none'})")
+    return spec.cls(transport, steps=steps, **options)
+
+
+def sampler_options(name: str, settings: SamplingSettings) -> dict:
+    """The settings that sampler ``name`` declares as options (``eta`` for ddim). A setting that is
+    only another sampler's option, set away from its default, is refused: ``eta=0.5`` with euler
+    would silently do nothing."""
+    defaults = SamplingSettings()
+    options = {}
+    for key in sorted({o for spec in SAMPLERS.values() for o in spec.options}):
+        if key in SAMPLERS[name].options:
+            options[key] = getattr(settings, key)
+        elif getattr(settings, key) != getattr(defaults, key):
+            takes = sorted(n for n, spec in SAMPLERS.items() if key in spec.options)
+            raise ValueError(f"sampling.{key}={getattr(settings, key)} does nothing with sampler {name!r} "
+                             f"(only {', '.join(takes)} takes it)")
+    return options
+
+
+def guided_sample(transport, net, shape: tuple[int, ...], settings: SamplingSettings, generator=None, device=None,
+                  cond=None, uncond=None, callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Noise of ``shape`` -> a sample: the sampler of ``settings`` (the transport's default when
+    unset) for ``transport`` driving ``net(x, t, cond)`` under the classifier-free guidance of
+    ``settings`` (cond and uncond rows batched). ``settings.seed`` is not read: ``generator`` is
+    the noise."""
+    sampler, steps = sampler_defaults(transport, settings.sampler, settings.steps)
+    smp = make_sampler(sampler, transport, steps, **sampler_options(sampler, settings))
+    model = Guidance.of(settings).denoiser(net, cond, uncond, smp.model_calls)
     x = randn_like(torch.empty(shape, device=device), generator)
     return smp.run(model, x, generator=generator, callback=callback)

@@ -84,6 +84,8 @@ class GaussianDiffusion:
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
 
+    default_sampler = "ddim"  # class attribute, not a field
+
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
@@ -93,6 +95,17 @@ class GaussianDiffusion:
     @property
     def steps(self) -> int:
         return self.schedule.steps
+
+    @staticmethod
+    def network_time(t: torch.Tensor) -> torch.Tensor:
+        """The time a network embeds: the integer timestep itself."""
+        return t
+
+    @staticmethod
+    def clean_time(batch: int, device) -> torch.Tensor:
+        """(batch,) times of a clean sample: timestep 0, the least noise the network was trained on
+        (integer, as every DDPM time)."""
+        return torch.zeros(batch, device=device, dtype=torch.long)
 
     # ------------------------------------------------------------------ forward process
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -143,9 +156,16 @@ class GaussianDiffusion:
         float32. ``model`` gets integer timesteps."""
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         eps = torch.randn_like(x0) if eps is None else eps
+        return self.prediction_loss(model(self.noised(x0, t, eps), t), x0, eps, t)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The training input x_t of clean ``x0`` at timesteps ``t`` with noise ``eps`` (float32 math)."""
         with torch.autocast(x0.device.type, enabled=False):
-            x_t = self.add_noise(x0, eps, t)
-        out = model(x_t, t)
+            return self.add_noise(x0, eps, t)
+
+    def prediction_loss(self, out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weighted MSE (B,) of a network's output ``out`` at :meth:`noised` against this
+        transport's target, in float32 (:meth:`loss` in two halves, for a network that returns more)."""
         with torch.autocast(x0.device.type, enabled=False):
             mse = F.mse_loss(out.float(), self.target(x0, eps, t), reduction="none").flatten(1).mean(1)
             return mse * self.loss_weight(t)

@@ -164,9 +164,9 @@ def evaluate_generator(pipeline, cfg: EvalConfig, weights: str = "raw", **overri
     ``overrides`` replace some of them. Image i is drawn with seed ``cfg.seed + i`` (per-row
     generators), so the result does not depend on the batch size."""
     ref, captions = reference_set(cfg.reference, cfg.n)
-    sampling = pipeline.settings(**{k: v for k, v in overrides.items() if k != "seed"})
+    # what the generator takes of the settings; image i gets its own seed
+    sampling = pipeline.arguments(pipeline.settings(**{k: v for k, v in overrides.items() if k != "seed"}))
     sampling.pop("seed", None)
-    sampling.pop("progress", None)
     images = []
     batches = range(0, len(captions), cfg.batch_size)
     for i in progress(batches, total=len(batches), desc=f"generate {len(captions)} images", unit="batch"):

@@ -22,7 +22,8 @@ text-conditioned by joint attention.
 
 The network's output is whatever its ``diffusion`` config says it predicts (eps, v, x0 or a flow
 velocity), which is why that config is part of the net's own: a checkpoint knows how to be sampled.
-Times: integer DDPM timesteps, or flow times in [0, 1] scaled by 1000 before the embedding.
+Times: what the transport's ``network_time`` makes of its own (DDPM: the integer timestep; flow:
+1000 t for t in [0, 1]).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from unifuse.diffusion import DiffusionConfig, FlowMatching
+from unifuse.diffusion import DiffusionConfig
 from unifuse.models.attention import MaskSpec
 from unifuse.models.transformer import (
     Attention,
@@ -217,7 +218,7 @@ class DiT(nn.Module):
         return {"text_states": self.text_proj(h), "text_pooled": pooled, "text_doc": doc}
 
     def _condition(self, t: torch.Tensor, cond: dict, b: int):
-        t = t * 1000.0 if t.is_floating_point() and isinstance(self.diffusion, FlowMatching) else t
+        t = self.diffusion.network_time(t)
         c = self.t_mlp(timestep_embedding(t.expand(b), 256))
         text = None
         if "class_id" in cond:

@@ -56,6 +56,7 @@ from unifuse.models.autoencoder import AttnBlock, Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
 from unifuse.models.transformer import AdaLN, KVCache, PositionCond, Transformer, TransformerConfig
 from unifuse.sampling.rows import left_padded
+from unifuse.sampling.settings import SamplingSettings
 from unifuse.sampling.tokens import row_generators, sample_logits
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
@@ -356,8 +357,10 @@ class Transfusion(nn.Module):
     def _sample(self, net, b: int, sampler: str, steps: int, cfg_scale: float | None, cfg_schedule: str,
                 eta: float, gens, device) -> torch.Tensor:
         """Noise -> latents (b, C, H, W); ``net(x, t, cond)`` runs the image block (guided rows batched)."""
-        return guided_sample(self.diffusion, net, (b, *self.latent_shape()), sampler, steps, cfg_scale,
-                             cfg_schedule, eta, gens, device, cond={}, uncond={})
+        settings = SamplingSettings(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, steps=steps, sampler=sampler,
+                                    eta=eta)
+        return guided_sample(self.diffusion, net, (b, *self.latent_shape()), settings, gens, device, cond={},
+                             uncond={})
 
     def _image_slots(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings of ``rows`` image blocks alone (filled by :meth:`hidden_with_images`) and

@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from unifuse.pipelines.base import Pipeline
 from unifuse.sampling import eval_mode
+from unifuse.sampling.settings import SamplingSettings
 
 
 class TokenImagePipeline(Pipeline):
     """A discrete-token generator (``generate(conds, **sampling) -> codes``) + its VQ tokenizer."""
 
-    def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text", sampling: dict | None = None):
+    def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text",
+                 sampling: SamplingSettings | dict | None = None):
         super().__init__(net, tokenizer, cond, sampling)
         codes = getattr(tokenizer, "codebook_size", None)
         if codes is not None and codes != net.vocab.image_codes:
             raise ValueError(f"the image tokenizer has {codes} codes but the generator's vocabulary has "
                              f"{net.vocab.image_codes} image codes: pass the tokenizer it was trained with")
+        # the settings the net's generate takes (the AR GPT's has no steps)
+        params = inspect.signature(net.generate).parameters
+        self.setting_names = tuple(k for k in SamplingSettings.names() if k in params)
 
     @property
     def kind(self) -> str:
         return self.net.kind
 
-    def settings(self, **overrides) -> dict:
-        """The stored sampling settings with ``overrides`` applied, reduced to what this net takes."""
-        return self.net.sampling_kwargs({**self.sampling, **overrides})
-
     @torch.no_grad()
-    def generate(self, prompts: list, **overrides) -> torch.Tensor:
+    def generate(self, prompts: list, progress: bool = False, **overrides) -> torch.Tensor:
         """(len(prompts), 3, H, W) images in [-1, 1]. ``overrides``: sampling settings (cfg_scale,
         temperature, steps, seed, ...) over the stored ones; ``progress=True`` shows a bar."""
+        settings = self.arguments(self.settings(**overrides))
         with eval_mode(self.net):
-            codes = self.net.generate(self.conditions(prompts), **self.settings(**overrides))
+            codes = self.net.generate(self.conditions(prompts), progress=progress, **settings)
         return self.tokenizer.decode(codes).clamp(-1, 1)

@@ -6,6 +6,7 @@ import torch
 
 from unifuse.pipelines.latent import LatentDiffusionPipeline
 from unifuse.sampling import eval_mode
+from unifuse.sampling.settings import SamplingSettings
 
 
 class TransfusionPipeline(LatentDiffusionPipeline):
@@ -18,11 +19,8 @@ class TransfusionPipeline(LatentDiffusionPipeline):
         return "transfusion"
 
     @torch.no_grad()
-    def latents(self, prompts: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
-                cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
-                progress: bool = False) -> torch.Tensor:
-        return self.net.generate(self.conditions(prompts), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                 cfg_schedule=cfg_schedule, eta=eta, seed=seed)
+    def latents(self, prompts: list, settings: SamplingSettings, progress: bool = False) -> torch.Tensor:
+        return self.net.generate(self.conditions(prompts), **self.arguments(self.with_defaults(settings)))
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
@@ -37,11 +35,9 @@ class TransfusionPipeline(LatentDiffusionPipeline):
                  **overrides) -> list[dict]:
         """Interleaved generation (see ``Transfusion.document``); image segments come back decoded,
         as (3, H, W) images in [-1, 1]."""
-        s = self.settings(**overrides)
-        s.pop("progress", None)
+        s = self.arguments(self.settings(**overrides))
         with eval_mode(self.net):
-            segs = self.net.document(parts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     **{k: v for k, v in s.items() if v is not None or k == "cfg_scale"})
+            segs = self.net.document(parts, max_new_tokens=max_new_tokens, temperature=temperature, **s)
         for seg in segs:
             if "image" in seg:
                 seg["image"] = self.tokenizer.decode_latents(seg["image"][None]).clamp(-1, 1)[0]
