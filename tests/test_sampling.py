@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from unifuse.config import SamplingOverrides
 from unifuse.sampling import Guidance, SamplingSettings, eval_mode
 
 
@@ -77,8 +78,6 @@ def test_sampling_settings_read_and_write_the_checkpoint_dict():
 
 
 def test_the_cli_overrides_are_the_settings_fields():
-    from unifuse.config import SamplingOverrides
-
     names = [f.name for f in dataclasses.fields(SamplingOverrides)]
     assert names == list(SamplingSettings.names())
 

@@ -4,6 +4,8 @@ asks which transport or sampler it has."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from unifuse.diffusion.samplers import (
     sampler_spec,
 )
 from unifuse.models.dit import DiT, DiTConfig
+from unifuse.pipelines.latent import LatentDiffusionPipeline
 from unifuse.sampling.settings import SamplingSettings
 
 DDPM = GaussianDiffusion(NoiseSchedule("linear", 1000))
@@ -109,3 +112,17 @@ def test_guided_sample_uses_the_settings_sampler_or_the_transports_default():
     assert calls == [666.0, 333.0, 0.0]  # DDPM's leading spacing over the integer timesteps
     with pytest.raises(ValueError, match="sampling.eta=1.0 does nothing with sampler 'euler'"):
         guided_sample(FLOW, net, (1, 2), SamplingSettings(steps=3, eta=1.0))
+
+
+@pytest.mark.parametrize("transport,sampler", [("flow", "euler"), ("ddpm", "ddim")])
+def test_a_latent_pipeline_takes_its_defaults_from_the_transport_and_refuses_unknown_settings(transport, sampler):
+    net = DiT(DiTConfig(latent_channels=2, latent_size=4, patch_size=2, dim=32, n_layers=1, n_heads=2, text_layers=0,
+                        diffusion=DiffusionConfig(transport=transport)))
+    pipe = LatentDiffusionPipeline(net, SimpleNamespace(latent_channels=2), sampling={"cfg_scale": 2.0, "seed": 3})
+    s = pipe.settings()
+    assert (s.sampler, s.steps, s.cfg_scale, s.seed) == (sampler, 50, 2.0, 3)
+    assert pipe.settings(sampler=None, steps=7).steps == 7
+    assert pipe.arguments(s) == {"sampler": sampler, "steps": 50, "cfg_scale": 2.0, "cfg_schedule": "constant",
+                                 "eta": 0.0, "seed": 3}
+    with pytest.raises(ValueError, match="^unknown sampling setting 'cfg'; known: "):
+        pipe.generate(["x"], cfg=2.0)
