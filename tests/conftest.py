@@ -38,7 +38,7 @@ def write_uneven_shards(out: Path, sizes=(40, 47, 54), n_val: int = 16, size: in
     import numpy as np
     from PIL import Image
 
-    from unifuse.data.shards import ShardWriter
+    from unifuse.data.writer import ShardWriter
 
     rng = np.random.default_rng(0)
 

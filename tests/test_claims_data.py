@@ -16,9 +16,10 @@ import pytest
 
 from unifuse.data.collate import ImageCollator, PackingCollator
 from unifuse.data.datamodule import ShardDataModule
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-from unifuse.data.shards import ShardWriter
-from unifuse.data.stream import ShardStream, Source
+from unifuse.data.stream import ShardStream
+from unifuse.data.writer import ShardWriter
 from unifuse.run.callbacks import DataStatsCallback
 
 

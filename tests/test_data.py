@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 
 from unifuse.data.collate import IMAGE, ImageCollator, PackingCollator
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig, Sample
-from unifuse.data.shards import ShardWriter, shard_counts
-from unifuse.data.stream import ShardStream, Source
+from unifuse.data.shards import shard_counts
+from unifuse.data.stream import ShardStream
 from unifuse.data.write import write_interleaved, write_pairs
+from unifuse.data.writer import ShardWriter
 from unifuse.text.vocab import VocabLayout
 
 
@@ -79,11 +81,11 @@ def test_write_interleaved_round_trip(tmp_path: Path):
     summary = write_interleaved(tmp_path / "docs.jsonl", tmp_path / "out")
     assert summary.samples == 3 and summary.skipped == {"unreadable_image": 1}
 
+    from unifuse.data.read import raw_samples
     from unifuse.data.samples import decode_sample
-    from unifuse.data.stream import _raw_samples
 
     stats = Counter()
-    samples = [decode_sample(r, DecodeConfig(), stats) for r in _raw_samples(summary.paths[0], 0, None, stats)]
+    samples = [decode_sample(r, DecodeConfig(), stats) for r in raw_samples(summary.paths[0], 0, None, stats)]
     assert [s.kind for s in samples] == ["interleaved", "interleaved", "interleaved"]
     first = samples[0]
     assert first.segments == [{"text": "a cat"}, {"image": 0}, {"text": "and a dog"}, {"image": 1}]

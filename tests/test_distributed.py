@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, tiny_overrides
-from unifuse.data.shards import ShardWriter
+from unifuse.data.writer import ShardWriter
 
 TIMEOUT = 240
 

@@ -15,12 +15,12 @@ from unifuse.train import train
 def test_encoded_shards_hold_codes_and_captions(tiny_codes, tiny_tokenizer):
     from collections import Counter
 
+    from unifuse.data.read import raw_samples
     from unifuse.data.samples import DecodeConfig, decode_sample
     from unifuse.data.shards import expand_shards
-    from unifuse.data.stream import _raw_samples
 
     stats = Counter()
-    raws = [r for u in expand_shards(str(tiny_codes / "train")) for r in _raw_samples(u, 0, None, stats)]
+    raws = [r for u in expand_shards(str(tiny_codes / "train")) for r in raw_samples(u, 0, None, stats)]
     s = decode_sample(raws[0], DecodeConfig(), stats)
     assert s.codes.shape == (8, 8) and s.codes.dtype == np.int16 and s.text and not s.images
     assert 0 <= s.codes.min() and s.codes.max() < 32

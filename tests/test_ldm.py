@@ -151,19 +151,19 @@ def test_latent_shards_train_the_same_model_and_a_mismatch_names_the_setting(tin
     import numpy as np
 
     from unifuse.data.encode import encode_shards
+    from unifuse.data.read import raw_samples
     from unifuse.data.samples import DecodeConfig, decode_sample
     from unifuse.data.shards import expand_shards
-    from unifuse.data.stream import _raw_samples
     from unifuse.models.kl_autoencoder import load_kl_autoencoder
     from unifuse.train import train
 
     out = tmp_path / "latents"
     encode_shards(tiny_kl, tiny_emoji, out, batch_size=16)
-    raw = next(_raw_samples(expand_shards(str(out / "val"))[0], 0, None, Counter()))
+    raw = next(raw_samples(expand_shards(str(out / "val"))[0], 0, None, Counter()))
     s = decode_sample(raw, DecodeConfig(), Counter())
     assert s.codes.dtype == np.float16 and s.codes.shape == (8, 8, 8) and s.text
     ae = load_kl_autoencoder(tiny_kl)
-    img = next(x for x in _raw_samples(expand_shards(str(tiny_emoji / "val"))[0], 0, None, Counter())
+    img = next(x for x in raw_samples(expand_shards(str(tiny_emoji / "val"))[0], 0, None, Counter())
                if x["__key__"] == raw["__key__"])
     x = torch.from_numpy(decode_sample(img, DecodeConfig(), Counter()).images[0]).permute(2, 0, 1)[None]
     q = ae.posterior(x.float() / 127.5 - 1)

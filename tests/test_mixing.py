@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 
 import unifuse.data.stream as st
 from unifuse.data.collate import ImageCollator
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig
-from unifuse.data.shards import ShardWriter
-from unifuse.data.stream import ShardStream, Source
+from unifuse.data.stream import ShardStream
+from unifuse.data.writer import ShardWriter
 
 BS = 4
 

@@ -15,17 +15,12 @@ import pytest
 import torch
 
 from unifuse.data.collate import ImageCollator
+from unifuse.data.datamodule import worker_init_threads
+from unifuse.data.plan import SourcePlan, _next_order, shard_pieces
+from unifuse.data.read import Source, raw_samples
 from unifuse.data.samples import DecodeConfig
-from unifuse.data.shards import ShardWriter
-from unifuse.data.stream import (
-    ShardStream,
-    Source,
-    _next_order,
-    _raw_samples,
-    _slice,
-    _SourcePlan,
-    worker_init_threads,
-)
+from unifuse.data.stream import ShardStream
+from unifuse.data.writer import ShardWriter
 
 
 def one_per_shard(root: Path, name: str, n: int) -> Source:
@@ -36,7 +31,7 @@ def one_per_shard(root: Path, name: str, n: int) -> Source:
     return Source(name, str(root / name))
 
 
-def read_ids(plan: _SourcePlan, epoch: int, rank: int = 0) -> list[tuple[int, int]]:
+def read_ids(plan: SourcePlan, epoch: int, rank: int = 0) -> list[tuple[int, int]]:
     """(shard, index in shard) of every sample the rank reads in one epoch, in order."""
     return [(si, skip + j) for si, skip, take, _ in plan.pieces(epoch, rank, 0, plan.quota) for j in range(take)]
 
@@ -45,8 +40,8 @@ def read_ids(plan: _SourcePlan, epoch: int, rank: int = 0) -> list[tuple[int, in
 def test_slice_pieces_are_never_empty():
     # [3, 6) of three 3-sample shards is exactly shard 1: no zero-length piece of shard 0 (which would
     # open and scan a whole shard for nothing, and count it as read)
-    assert _slice([3, 3, 3], [0, 1, 2], 3, 6) == [(1, 0, 3)]
-    assert _slice([3, 0, 3], [0, 1, 2], 2, 5) == [(0, 2, 1), (2, 0, 2)]
+    assert shard_pieces([3, 3, 3], [0, 1, 2], 3, 6) == [(1, 0, 3)]
+    assert shard_pieces([3, 0, 3], [0, 1, 2], 2, 5) == [(0, 2, 1), (2, 0, 2)]
 
 
 def test_next_order_keeps_the_head_in_front_and_shuffles_both_sides():
@@ -71,7 +66,7 @@ def test_next_order_keeps_the_head_in_front_and_shuffles_both_sides():
 def test_epochs_running_across_passes_never_repeat_a_sample(tmp_path: Path, quota: int):
     src = one_per_shard(tmp_path, "s", 10)
     for seed in range(10):
-        plan = _SourcePlan(src, quota, world_size=1, seed=seed, shuffle=True)
+        plan = SourcePlan(src, quota, world_size=1, seed=seed, shuffle=True)
         reads = []
         for epoch in range(12):
             ids = read_ids(plan, epoch)
@@ -88,29 +83,29 @@ def test_each_pass_reshuffles_all_shards_when_no_epoch_straddles(tmp_path: Path)
     for first in (0, 2, 4):  # passes 0/1, 1/2, 2/3
         same = []
         for seed in range(8):
-            plan = _SourcePlan(src, 5, world_size=1, seed=seed, shuffle=True)
+            plan = SourcePlan(src, 5, world_size=1, seed=seed, shuffle=True)
             same.append(set(read_ids(plan, first)) == set(read_ids(plan, first + 2)))
         assert not all(same), f"pass {first // 2 + 1} starts with the same samples as pass {first // 2}"
 
 
 def test_pass_orders_are_shuffled_only_when_asked(tmp_path: Path):
     src = one_per_shard(tmp_path, "s", 10)
-    shuffled = [read_ids(_SourcePlan(src, 10, 1, seed, shuffle=True), 0) for seed in range(4)]
+    shuffled = [read_ids(SourcePlan(src, 10, 1, seed, shuffle=True), 0) for seed in range(4)]
     assert any(ids != [(i, 0) for i in range(10)] for ids in shuffled)
-    plain = _SourcePlan(src, 5, 1, 0, shuffle=False)
+    plain = SourcePlan(src, 5, 1, 0, shuffle=False)
     for epoch in range(6):  # unshuffled: every pass in shard order
         assert read_ids(plain, epoch) == [(i, 0) for i in range(5 * (epoch % 2), 5 * (epoch % 2) + 5)]
 
 
 def test_upsampled_source_gets_a_fresh_order_each_epoch_and_disjoint_rank_slices(tmp_path: Path):
     src = one_per_shard(tmp_path, "s", 10)
-    plan = _SourcePlan(src, 15, world_size=1, seed=3, shuffle=True)
+    plan = SourcePlan(src, 15, world_size=1, seed=3, shuffle=True)
     assert plan.upsampled
     orders = [tuple(read_ids(plan, e)[:10]) for e in range(5)]
     assert all(sorted(o) == [(i, 0) for i in range(10)] for o in orders)
     assert len(set(orders)) > 1, "the upsampled source is read in the same order every epoch"
     # two ranks: each reads its own half, over and over
-    plans = [_SourcePlan(src, 8, world_size=2, seed=3, shuffle=True) for _ in range(2)]
+    plans = [SourcePlan(src, 8, world_size=2, seed=3, shuffle=True) for _ in range(2)]
     assert plans[0].upsampled
     halves = [read_ids(p, 1, rank) for rank, p in enumerate(plans)]
     for ids in halves:
@@ -136,7 +131,7 @@ def test_tar_errors_are_counted_logged_and_reading_goes_on(tmp_path: Path, caplo
                                            ("c.txt", b"C2")])
     stats: Counter = Counter()
     with caplog.at_level(logging.WARNING, logger="unifuse.data"):
-        keys = [r["__key__"] for r in _raw_samples(url, 0, None, stats)]
+        keys = [r["__key__"] for r in raw_samples(url, 0, None, stats)]
     assert keys == ["a", "b", "c"]
     assert stats == Counter(tar_error=2)
     msgs = [r.getMessage() for r in caplog.records]
@@ -145,7 +140,7 @@ def test_tar_errors_are_counted_logged_and_reading_goes_on(tmp_path: Path, caplo
     bad = tmp_path / "garbage.tar"
     bad.write_bytes(b"not a tar at all" * 100)
     stats = Counter()
-    assert list(_raw_samples(str(bad), 0, None, stats)) == []
+    assert list(raw_samples(str(bad), 0, None, stats)) == []
     assert stats == Counter(tar_error=1)
 
 
@@ -275,13 +270,13 @@ def test_a_source_with_a_single_draw_can_refill(tmp_path: Path):
 
 
 def test_quotas_split_by_largest_remainder():
-    from unifuse.data.stream import _quotas
+    from unifuse.data.plan import weighted_quotas
 
-    assert _quotas(10, [1, 2]) == [3, 7]
-    assert _quotas(10, [1, 1, 1]) == [4, 3, 3]  # ties: the first source
-    assert _quotas(7, [0.5, 0.25, 0.25]) == [3, 2, 2]  # 3.5, 1.75, 1.75: the larger remainders
+    assert weighted_quotas(10, [1, 2]) == [3, 7]
+    assert weighted_quotas(10, [1, 1, 1]) == [4, 3, 3]  # ties: the first source
+    assert weighted_quotas(7, [0.5, 0.25, 0.25]) == [3, 2, 2]  # 3.5, 1.75, 1.75: the larger remainders
     for n, w in [(11, [3, 2, 1]), (5, [1, 0, 4]), (100, [0.1, 0.7, 0.2])]:
-        q = _quotas(n, w)
+        q = weighted_quotas(n, w)
         assert sum(q) == n and all(abs(x - n * wi / sum(w)) < 1 for x, wi in zip(q, w)), q
 
 
@@ -371,7 +366,7 @@ def test_unshuffled_streams_read_the_first_samples_in_order_every_epoch(tmp_path
 def test_rank_slices_rotate_evenly_over_epochs(tmp_path: Path):
     # 11 samples, 2 ranks x 5 per epoch: over 11 epochs every sample is read 10 times, give or take one
     src = one_per_shard(tmp_path, "s", 11)
-    plans = [_SourcePlan(src, 5, world_size=2, seed=1, shuffle=True) for _ in range(2)]
+    plans = [SourcePlan(src, 5, world_size=2, seed=1, shuffle=True) for _ in range(2)]
     assert not plans[0].upsampled
     reads = Counter(i for e in range(11) for r, p in enumerate(plans) for i in read_ids(p, e, r))
     assert max(reads.values()) - min(reads.values()) <= 1, reads
@@ -438,7 +433,7 @@ def test_sources_with_given_counts_are_undamaged_unless_told():
 
 
 def test_iter_decoded_drops_members_and_counts_into_stats(tmp_path: Path):
-    from unifuse.data.stream import iter_decoded
+    from unifuse.data.read import iter_decoded
 
     with ShardWriter(tmp_path / "s", prefix="s", max_samples=100) as w:
         w.write("k0", {"txt": "zero", "npy": np.array([1]), "pyd": b"never decoded"})

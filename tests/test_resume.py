@@ -284,8 +284,9 @@ def test_stopped_runs_continued_longer_train_what_the_uninterrupted_one_did(tmp_
 
 # ----------------------------------------------------------------------------- the pieces, in-process
 def _stream(data: Path, collator, epoch: int):
+    from unifuse.data.read import Source
     from unifuse.data.samples import DecodeConfig
-    from unifuse.data.stream import ShardStream, Source
+    from unifuse.data.stream import ShardStream
 
     s = ShardStream([Source("emoji", str(data / "train"))], collator, DecodeConfig(image_size=16), seed=3,
                     shuffle_buffer=20)

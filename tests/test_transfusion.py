@@ -280,7 +280,7 @@ def test_a_text_only_batch_gives_every_parameter_a_gradient(encoder, conditionin
 def test_ddp_trains_on_text_only_batches(tiny_emoji, tiny_kl, tmp_path, conditioning):
     """Two ranks on a text-only source: no rank has an image, and DDP still finds a gradient for
     every parameter, with either time conditioning (adaln adds image-only projections to every block)."""
-    from unifuse.data.shards import ShardWriter
+    from unifuse.data.writer import ShardWriter
 
     with ShardWriter(tmp_path / "text", prefix="text", max_samples=20) as w:
         for i in range(40):

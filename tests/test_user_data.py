@@ -22,23 +22,25 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from unifuse.data import shards as shards_mod
+from unifuse.data import writer as writer_mod
 from unifuse.data.__main__ import main as data_main
 from unifuse.data.__main__ import parse_args
 from unifuse.data.collate import ImageCollator
 from unifuse.data.datamodule import ShardDataModule
+from unifuse.data.read import Source, iter_decoded
 from unifuse.data.samples import DecodeConfig
 from unifuse.data.shards import (
     INDEX_NAME,
-    ShardWriter,
     build_complete,
     count_tar_samples,
     expand_shards,
     index_location,
-    partial_dirs,
     shard_counts,
 )
-from unifuse.data.stream import ShardStream, Source, iter_decoded
+from unifuse.data.staging import partial_dirs
+from unifuse.data.stream import ShardStream
 from unifuse.data.write import write_pairs
+from unifuse.data.writer import ShardWriter
 
 
 def make_images(folder: Path, n: int, sub: str = "", size: int = 8) -> list[str]:
@@ -230,7 +232,7 @@ def test_url_specs_expand_braces():
 def test_shard_writer_publishes_only_finished_shards_and_the_index_last(tmp_path: Path, monkeypatch):
     renamed = []
     real_replace = os.replace
-    monkeypatch.setattr(shards_mod.os, "replace", lambda a, b: renamed.append(Path(b).name) or real_replace(a, b))
+    monkeypatch.setattr(writer_mod.os, "replace", lambda a, b: renamed.append(Path(b).name) or real_replace(a, b))
     w = ShardWriter(tmp_path / "d", prefix="s", max_samples=3)
     for i in range(4):
         w.write(f"k{i}", {"txt": f"t{i}"})
@@ -271,12 +273,12 @@ def test_failed_write_publishes_nothing(tmp_path: Path, monkeypatch):
 
 SLOW_BUILD = """
 import sys, time
-from unifuse.data import shards
-finish = shards.ShardWriter._close_shard
+from unifuse.data import writer
+finish = writer.ShardWriter._close_shard
 def slow(self):
     finish(self)
     time.sleep(0.25)
-shards.ShardWriter._close_shard = slow
+writer.ShardWriter._close_shard = slow
 from unifuse.data.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

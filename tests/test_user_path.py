@@ -124,8 +124,8 @@ def keys(d: Path) -> set[str]:
 def user(tmp_path_factory) -> dict:
     """The folder written into shards, the three training runs (local path, ``file://``, ``pipe:cat``;
     run side by side) and the Inception weights (made while they train)."""
+    from unifuse.data.read import iter_decoded
     from unifuse.data.samples import DecodeConfig
-    from unifuse.data.stream import iter_decoded
 
     home = tmp_path_factory.mktemp("user_path")
     make_folder(home / "photos")
@@ -234,8 +234,8 @@ def test_val_list_with_a_named_caption_column(tmp_path):
     """The README's second form: a captions csv with its own caption column and a ``.txt`` list of
     validation images (which has no caption column: its captions come from the csv)."""
     from unifuse.data.__main__ import main as data_main
+    from unifuse.data.read import iter_decoded
     from unifuse.data.samples import DecodeConfig
-    from unifuse.data.stream import iter_decoded
 
     photos = tmp_path / "photos"
     make_folder(photos)

@@ -56,15 +56,14 @@ def test_bpe_missing_file_names_the_fix(tmp_path):
 def test_bpe_from_shards_builds_the_data_then_trains_once(tmp_path, monkeypatch):
     """A preset's BPE on a fresh clone: the embedded dataset is built, the vocabulary trained on its
     captions and written whole; later calls load it without training again."""
-    from unifuse.text import tokenizer as tk
+    from unifuse.data import builders
+    from unifuse.data.read import iter_texts
 
     out = tmp_path / "emoji16" / "bpe-300.json"
     args = {"size": 16, "limit": 20, "val_percent": 20.0, "shard_size": 40}
-    tok = tk.bpe_from_shards(out, str(tmp_path / "emoji16" / "train"), 300, build="emoji", build_args=args)
+    tok = builders.bpe_from_shards(out, str(tmp_path / "emoji16" / "train"), 300, build="emoji", build_args=args)
     assert out.is_file() and not list(out.parent.glob("*.tmp-*"))
     assert (tmp_path / "emoji16" / "val").is_dir()
-    from unifuse.data.stream import iter_texts
-
     caption = next(iter_texts(str(tmp_path / "emoji16" / "train")))
     face = tok.encode(caption)
     assert len(face) < len(caption.encode()) / 2 and tok.decode(face) == caption
@@ -72,7 +71,7 @@ def test_bpe_from_shards_builds_the_data_then_trains_once(tmp_path, monkeypatch)
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(tk.BPETokenizer, "train", staticmethod(no_training))
-    assert tk.bpe_from_shards(out, str(tmp_path / "nowhere"), 300).encode(caption) == face
+    monkeypatch.setattr(builders.BPETokenizer, "train", staticmethod(no_training))
+    assert builders.bpe_from_shards(out, str(tmp_path / "nowhere"), 300).encode(caption) == face
     with pytest.raises(ValueError, match="unknown embedded dataset 'emojis'"):
-        tk.bpe_from_shards(tmp_path / "other.json", str(tmp_path / "x" / "train"), 300, build="emojis")
+        builders.bpe_from_shards(tmp_path / "other.json", str(tmp_path / "x" / "train"), 300, build="emojis")

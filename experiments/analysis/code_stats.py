@@ -13,8 +13,8 @@ from collections import Counter
 
 import numpy as np
 
+from unifuse.data.read import iter_decoded
 from unifuse.data.samples import DecodeConfig
-from unifuse.data.stream import iter_decoded
 
 
 def perplexity(counts: np.ndarray) -> float:

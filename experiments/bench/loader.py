@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from unifuse.data.collate import ImageCollator
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig
 from unifuse.data.shards import expand_shards
-from unifuse.data.stream import ShardStream, Source
+from unifuse.data.stream import ShardStream
 
 
 def bare_pil(paths: list[str]) -> int:

@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transfusion import timed, train_step  # this directory's Transfusion bench: the shared harness
 
 from unifuse.config import compose_app, native_bf16_precision
+from unifuse.data.read import iter_texts
 from unifuse.data.samples import Sample
-from unifuse.data.stream import iter_texts
 from unifuse.models.pixels import PixelSpace
 from unifuse.models.transformer import Transformer, TransformerConfig
 from unifuse.run.perf import compute_dtype, cpu_peak_flops, measure_cpu_peak

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from unifuse.data.collate import ImageCollator
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig
 from unifuse.data.shards import expand_shards, shard_counts
-from unifuse.data.stream import ShardStream, Source
+from unifuse.data.stream import ShardStream
 
 
 def run(sources: list[Source], batch: int) -> tuple[int, dict]:

@@ -17,6 +17,14 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
+
+from unifuse.data import builders
+from unifuse.data.encode import encode_shards
+from unifuse.data.read import iter_texts
+from unifuse.data.shards import build_complete
+from unifuse.data.write import write_interleaved, write_pairs
+from unifuse.text.tokenizer import BPETokenizer
 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")
 
@@ -107,11 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.cmd == "build":
-        from pathlib import Path
-
-        from unifuse.data import builders
-        from unifuse.data.shards import build_complete
-
         size = a.size or (32 if a.name == "emoji" else 28)
         out = Path(a.out or f"data/{a.name}{size}")
         if build_complete(out) and not a.force:
@@ -127,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             builders.build_fashion_mnist(out, src=a.src, size=size, **extra)
         print(f"shards in {out}/train and {out}/val")
     elif a.cmd == "write":
-        from unifuse.data.write import write_interleaved, write_pairs
-
         sub = _parser()[1]["write"]
         if a.kind == "pairs":
             if not a.images:
@@ -151,14 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{a.out}: {summary}")
     elif a.cmd == "encode":
-        from unifuse.data.encode import encode_shards
-
         encode_shards(a.tokenizer, a.src, a.out, batch_size=a.batch_size, shard_size=a.shard_size,
                       device=a.device, image_size=a.image_size)
     elif a.cmd == "bpe":
-        from unifuse.data.stream import iter_texts
-        from unifuse.text.tokenizer import BPETokenizer
-
         tok = BPETokenizer.train(iter_texts(a.shards), a.out, a.vocab_size)
         print(f"BPE tokenizer with {tok.vocab_size} tokens written to {a.out}")
     return 0

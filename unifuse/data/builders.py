@@ -10,6 +10,8 @@
 * caption text (:func:`caption_text_shards`): the captions of image shards as text-only documents,
   a text source to mix into a text-to-image model's training (built from the emoji captions on
   first use by ``data=emoji_packed_text``).
+* a BPE vocabulary (:func:`bpe_from_shards`) trained on the texts of shards on first use (what a
+  preset's ``model.net.text_tokenizer`` names).
 
 Both build in ``OUT.partial-<host>-<pid>/`` and move ``train/`` and ``val/`` into ``OUT`` when
 done, then write ``OUT/_complete.json``; a build without it was interrupted and is rebuilt.
@@ -21,15 +23,22 @@ import gzip
 import hashlib
 import io
 import logging
+import os
 import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
-from unifuse.data.shards import ShardWriter, Staging
+from unifuse.data.read import iter_texts
+from unifuse.data.shards import build_complete
+from unifuse.data.staging import Staging
+from unifuse.data.writer import ShardWriter
+from unifuse.text.tokenizer import BPETokenizer
 
 log = logging.getLogger("unifuse.data")
 
@@ -224,13 +233,34 @@ def build_fashion_mnist(out: str | Path = "data/fashion_mnist", src: str | None 
     return result
 
 
-# ----------------------------------------------------------------------------- caption text
+# ----------------------------------------------------------------------------- built on first use
+@contextmanager
+def _made_once(out: Path) -> Iterator[None]:
+    """Held while ``out`` is made: a lock file beside it makes concurrent ranks make it once (the
+    others wait, then find it made)."""
+    import fcntl  # POSIX only: the rest of the module imports anywhere
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _ensure_built(name: str | None, out: str | Path, args: dict | None) -> None:
+    """Build the embedded dataset ``name`` (a key of ``BUILDERS``) with ``args`` into ``out`` unless
+    a finished build is there; ``name`` None: nothing to build."""
+    if name is None:
+        return
+    if name not in BUILDERS:
+        raise ValueError(f"unknown embedded dataset {name!r}; known: {', '.join(BUILDERS)}")
+    if not build_complete(out):
+        BUILDERS[name](out=out, **dict(args or {}))
+
+
 def build_caption_text(out: str | Path, src: str | Path, shard_size: int = 10_000) -> dict:
     """Text-only shards of the captions of the image shards in ``src/train`` and ``src/val``:
     ``out/train`` and ``out/val``, one document (``KEY.txt``) per captioned sample, in shard order,
     images left out. Each split reads only its own split, so held-out captions stay held out."""
-    from unifuse.data.stream import iter_texts
-
     counts = {}
     with Staging(out, ["train", "val"]) as st:
         for split in ("train", "val"):
@@ -248,25 +278,36 @@ def caption_text_shards(out: str | Path, src: str | Path, split: str, src_build:
     names), built the first time it is asked for, so a fresh clone needs no extra step; when ``src``
     is an embedded dataset not built yet, ``src_build`` / ``src_args`` build it first. A lock file
     makes concurrent ranks build it once."""
-    import fcntl
-
-    from unifuse.data.shards import build_complete
-
     if split not in ("train", "val"):
         raise ValueError(f"caption text shards have the splits 'train' and 'val', not {split!r}")
     out = Path(out)
     if not build_complete(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.with_name(out.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _made_once(out):
             if not build_complete(out):
-                if src_build is not None and not build_complete(src):
-                    if src_build not in BUILDERS:
-                        raise ValueError(f"unknown embedded dataset {src_build!r}; known: {', '.join(BUILDERS)}")
-                    BUILDERS[src_build](out=src, **dict(src_args or {}))
+                _ensure_built(src_build, src, src_args)
                 log.info("writing the captions of %s as text shards into %s", src, out)
                 build_caption_text(out, src)
     return str(out / split)
+
+
+def bpe_from_shards(out: str | Path, shards: str, vocab_size: int = 4096, build: str | None = None,
+                    build_args: dict | None = None) -> BPETokenizer:
+    """The BPE vocabulary at ``out``, trained on the texts of ``shards`` the first time it is asked
+    for (what a preset's ``net.text_tokenizer`` names, so a fresh clone needs no extra step). When
+    the shards are an embedded dataset not built yet, ``build`` / ``build_args`` build it first
+    (``shards`` is then ``<build_args.out>/train``-like: the builder's ``out`` is its parent). A lock
+    file makes concurrent ranks train it once; the JSON is written under a temporary name and
+    renamed, so a killed run leaves no half-written vocabulary."""
+    out = Path(out)
+    if out.is_file():
+        return BPETokenizer(out)
+    with _made_once(out):
+        if not out.is_file():
+            _ensure_built(build, Path(shards).parent, build_args)
+            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+            BPETokenizer.train(iter_texts(shards), tmp, vocab_size)
+            os.replace(tmp, out)
+    return BPETokenizer(out)
 
 
 # embedded datasets by the name configs give them (data.build)

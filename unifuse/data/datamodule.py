@@ -10,11 +10,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from unifuse.data import builders
+from unifuse.data.encode import STAMP, check_stamp, encode_shards
+from unifuse.data.read import Source
 from unifuse.data.samples import DecodeConfig
 from unifuse.data.shards import build_complete, expand_shards
-from unifuse.data.stream import ShardStream, Source, worker_init_threads
+from unifuse.data.stream import ShardStream
+from unifuse.run.preemption import shield_worker
 
 log = logging.getLogger("unifuse.data")
+
+
+def worker_init_threads(_: int) -> None:
+    """DataLoader workers decode images; one intra-op thread each avoids oversubscribing cores. They
+    leave preemption signals to the main process (``unifuse.run.preemption.shield_worker``)."""
+    torch.set_num_threads(1)
+    shield_worker()
 
 
 class StreamLoader(DataLoader):
@@ -125,15 +136,11 @@ class ShardDataModule(L.LightningDataModule):
         """``build_dir`` holds a finished build (an unfinished, interrupted one is never reused)."""
         d = Path(self.build_dir)
         if self.build == "encode":
-            from unifuse.data.encode import STAMP
-
             return (d / STAMP).is_file()
         return build_complete(d)
 
     def prepare_data(self) -> None:
         if self.build == "encode":
-            from unifuse.data.encode import check_stamp
-
             check_stamp(self.build_dir, self.build_args["tokenizer"])
         missing = self._missing()
         if not self.build:
@@ -145,21 +152,17 @@ class ShardDataModule(L.LightningDataModule):
             return
         if done:  # built, but the config looks elsewhere
             raise self._missing_error(missing)
-        from unifuse.data import builders
-
         if there:
             log.warning("%s holds an incomplete %s build (interrupted?): building it again", self.build_dir,
                         self.build)
         log.info("building %s data into %s", self.build, self.build_dir)
-        self._build(builders)
+        self._build()
         missing = self._missing()
         if missing:
             raise self._missing_error(missing)
 
-    def _build(self, builders) -> None:
+    def _build(self) -> None:
         if self.build == "encode":  # code shards from image shards, building those first if needed
-            from unifuse.data.encode import encode_shards
-
             a = self.build_args
             src, src_build = a["src"], a.get("src_build")
             if src_build and not build_complete(src):

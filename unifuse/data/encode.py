@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unifuse.data.read import raw_samples
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample, image_batch
-from unifuse.data.shards import ShardWriter, Staging, expand_shards, shard_counts
-from unifuse.data.stream import _raw_samples
+from unifuse.data.shards import expand_shards, shard_counts
+from unifuse.data.staging import Staging
+from unifuse.data.writer import ShardWriter
 from unifuse.run.checkpoint import load_net
 
 STAMP = "_encoded_with.json"
@@ -83,7 +85,7 @@ def _encode_splits(net, dtype, tokenizer: Path, src: Path, splits: list[tuple[st
 
             with tqdm(total=total, desc=f"encode {split or src.name}", unit="img") as bar:
                 for url in paths:
-                    for raw in _raw_samples(url, 0, None, stats):
+                    for raw in raw_samples(url, 0, None, stats):
                         bar.update(1)
                         try:
                             pending.append(decode_sample(raw, cfg, stats))

@@ -1,13 +1,4 @@
-"""Writing webdataset shards, finding them (local or remote) and counting their samples.
-
-Layout written (the img2dataset layout, readable by any webdataset reader)::
-
-    KEY.png|jpg|webp   image bytes, stored as given (or re-encoded PNG when resizing)
-    KEY.txt            caption / text
-    KEY.json           metadata; for interleaved documents {"segments": [{"text": ...}, {"image": i}, ...]}
-    KEY.cls            optional integer class
-    KEY.0.png, KEY.1.png, ...   the images of an interleaved document
-    KEY.npy            pre-encoded codes or latents (numpy, never pickled)
+"""Finding webdataset shards (local or remote) and counting their samples.
 
 Sample counts per shard are kept in ``_index.json`` next to the shards (written by the writer, or
 computed once from the tar headers for shards made elsewhere, e.g. by img2dataset). The data
@@ -15,278 +6,31 @@ stream needs them to give every rank the same number of batches. Remote shards (
 ``s3://``, ``gs://``, ``file://`` URLs and ``pipe:`` commands, all opened with webdataset's
 ``gopen``) take their counts from the ``_index.json`` beside them, or are streamed once and counted;
 those counts are cached under ``$UNIFUSE_CACHE`` (default ``~/.cache/unifuse``) ``/shard_counts``.
-
-Nothing half-written is ever published: a shard is written as ``NAME.tar.tmp`` and renamed to
-``NAME.tar`` when it is complete, ``_index.json`` is replaced atomically after the shards, and whole
-datasets are built in ``OUT.partial-<host>-<pid>/`` (:class:`Staging`) and moved into place at the end.
+The index is replaced atomically (``staging.atomic_write_text``).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import shutil
-import socket
 import tarfile
-import time
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import numpy as np
 from webdataset.gopen import Pipe, gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
+from unifuse.data.staging import COMPLETE_NAME, atomic_write_text
 from unifuse.run.progress import progress
 
 INDEX_NAME = "_index.json"
-COMPLETE_NAME = "_complete.json"  # written last into a finished build
-TMP_SUFFIX = ".tmp"
 log = logging.getLogger("unifuse.data")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``path`` through a hidden temporary file and ``os.replace``: readers see the old
-    content or the new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@dataclass
-class WriteSummary:
-    samples: int = 0
-    shards: int = 0
-    bytes: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    paths: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return (
-            f"wrote {self.samples} samples in {self.shards} shards ({self.bytes / 1e6:.1f} MB); "
-            f"skipped: {skipped}"
-        )
-
-
-class ShardWriter:
-    """Writes samples (dicts of member name -> bytes/str/int/ndarray) into numbered tar shards.
-
-    Each shard is written as ``PREFIX-NNNNNN.tar.tmp`` and renamed to ``.tar`` once it is full (or
-    on ``close``); ``close`` then updates ``_index.json``. Leaving the ``with`` block on an exception
-    drops the unfinished shard instead of publishing it."""
-
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_samples: int = 10_000,
-                 max_bytes: int = 1 << 30):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
-        self.summary = WriteSummary()
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-        self._bytes = 0
-        self._counts: dict[str, int] = {}
-        self._mtime = time.time()
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{self.summary.shards:06d}.tar"
-        self._path = self.out_dir / name
-        self._tmp = self.out_dir / (name + TMP_SUFFIX)
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-        self._count, self._bytes = 0, 0
-        self.summary.shards += 1
-        self.summary.paths.append(str(self._path))
-
-    def _close_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-            os.replace(self._tmp, self._path)
-            self._counts[self._path.name] = self._count
-            self.summary.bytes += self._path.stat().st_size
-
-    @staticmethod
-    def _encode(value) -> bytes:
-        if isinstance(value, bytes):
-            return value
-        if isinstance(value, str):
-            return value.encode("utf-8")
-        if isinstance(value, (int, np.integer)):
-            return str(int(value)).encode()
-        if isinstance(value, np.ndarray):
-            buf = io.BytesIO()
-            np.save(buf, value, allow_pickle=False)
-            return buf.getvalue()
-        if isinstance(value, (dict, list)):
-            return json.dumps(value, ensure_ascii=False).encode("utf-8")
-        raise TypeError(f"cannot store a {type(value).__name__} in a shard")
-
-    def write(self, key: str, members: dict) -> None:
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-        if self._tar is None or self._count >= self.max_samples or self._bytes >= self.max_bytes:
-            self._close_shard()
-            self._open()
-        for ext, value in members.items():
-            data = self._encode(value)
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), self._mtime, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
-            self._bytes += len(data)
-        self._count += 1
-        self.summary.samples += 1
-
-    def close(self) -> WriteSummary:
-        self._close_shard()
-        update_index(self.out_dir, self._counts)
-        return self.summary
-
-    def abort(self) -> None:
-        """Drop the unfinished shard; the finished ones stay (and are indexed)."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-            self._tmp.unlink(missing_ok=True)
-            self.summary.samples -= self._count
-            self.summary.shards -= 1
-            self.summary.paths.pop()
-        update_index(self.out_dir, self._counts)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-# ----------------------------------------------------------------------------- staged outputs
-_PARTIAL = re.compile(r"\.partial-(?P<host>.+)-(?P<pid>\d+)(?:\.old)?$")
-_SHARD_FILE = re.compile(r"\.tar$|\.tar\.tmp$|\.tmp-\d+$|^_index\.json$|^_complete\.json$")
-
-
-def partial_dirs(out: str | Path) -> list[Path]:
-    """Directories left next to ``out`` by builds of it that are running or were interrupted."""
-    out = Path(out)
-    return sorted(p for p in out.parent.glob(glob.escape(out.name) + ".partial-*") if _PARTIAL.search(p.name))
-
-
-def _stale(p: Path) -> bool:
-    """A partial directory whose builder (on this host) is gone. Those of other hosts are left alone."""
-    m = _PARTIAL.search(p.name)
-    if not m or m["host"] != socket.gethostname():
-        return False
-    try:
-        os.kill(int(m["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def check_replaceable(d: Path, allowed: Iterable[str] = ()) -> None:
-    """``d`` may be replaced by a new build: it is absent, or holds nothing but shards."""
-    if not d.exists() and not d.is_symlink():
-        return
-    if d.is_symlink() or not d.is_dir():
-        raise FileExistsError(f"{d} exists and is not a directory")
-    allowed = set(allowed)
-    others = sorted(p.name for p in d.iterdir() if not (_SHARD_FILE.search(p.name) or p.name in allowed))
-    if others:
-        raise FileExistsError(
-            f"{d} already holds other files than shards ({', '.join(others[:5])}"
-            f"{', ...' if len(others) > 5 else ''}): write somewhere else or remove it first"
-        )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``; an older ``dst`` is moved aside first, then deleted."""
-    if not dst.exists() and not dst.is_symlink():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f"{dst.name}.partial-{socket.gethostname()}-{os.getpid()}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-class Staging:
-    """Build a dataset in ``OUT.partial-<host>-<pid>/`` and move it into place when it is complete.
-
-    ``path(part)`` is where to write what becomes ``OUT/part`` (``part=""``: ``OUT`` itself);
-    ``commit()`` moves every part into place (a previous copy of a part is replaced, other files in
-    ``OUT`` are kept) and then writes the ``marker`` file, if any, into ``OUT``. An exception inside
-    the ``with`` block removes the partial directory; one left by a killed run is removed by the
-    next run on the same host. Parts to be replaced must hold nothing but shards (and ``allowed``).
-    """
-
-    def __init__(self, out: str | Path, parts: Iterable[str], allowed: Iterable[str] = ()):
-        self.out, self.parts = Path(os.path.abspath(out)), list(parts)
-        for part in self.parts:
-            target = self.out / part if part else self.out
-            for stale in partial_dirs(target):
-                if _stale(stale):
-                    log.info("removing %s, left by an interrupted run", stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-            check_replaceable(target, allowed)
-        for stale in partial_dirs(self.out):
-            if _stale(stale):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.dir = self.out.with_name(f"{self.out.name}.partial-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        self.committed = False
-
-    def path(self, part: str = "") -> Path:
-        return self.dir / part if part else self.dir
-
-    def final(self, part: str = "") -> Path:
-        return self.out / part if part else self.out
-
-    def commit(self, marker: dict | None = None, clear: Iterable[str] = ()) -> None:
-        """Move the parts into place. ``clear``: files of ``OUT`` that describe the old content
-        (stamps, markers), removed before anything moves."""
-        if any(self.parts):
-            self.out.mkdir(parents=True, exist_ok=True)
-        for name in [COMPLETE_NAME, *clear]:
-            if self.out.is_dir():
-                (self.out / name).unlink(missing_ok=True)
-        for part in self.parts:
-            src = self.path(part)
-            src.mkdir(parents=True, exist_ok=True)
-            _replace_dir(src, self.final(part))
-        if marker is not None:
-            atomic_write_text(self.out / COMPLETE_NAME, json.dumps(marker, indent=1, sort_keys=True))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.committed = True
-
-    def published(self, summary: WriteSummary, part: str = "") -> WriteSummary:
-        """``summary`` with its shard paths where they are after ``commit``."""
-        summary.paths = [str(self.final(part) / Path(p).name) for p in summary.paths]
-        return summary
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if not self.committed:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def build_complete(out: str | Path, splits: Iterable[str] = ("train", "val")) -> bool:

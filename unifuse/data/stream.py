@@ -39,131 +39,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from unifuse.data.plan import OncePlan, SourcePlan, shard_pieces, weighted_quotas
+from unifuse.data.read import Source, raw_samples
 from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample
-from unifuse.data.shards import expand_shards, shard_info
 
 log = logging.getLogger("unifuse.data")
 PLAN_SAMPLES = 1024  # samples a packing collator packs to measure how many a batch holds
-
-
-@dataclass
-class Source:
-    name: str
-    shards: list[str]
-    weight: float = 1.0
-    counts: list[int] | None = None
-    damaged: list[bool] | None = None
-
-    def __post_init__(self) -> None:
-        self.shards = expand_shards(self.shards)
-        if self.counts is None:
-            self.counts, self.damaged = shard_info(self.shards)
-        if self.damaged is None:
-            self.damaged = [False] * len(self.shards)
-
-    @property
-    def total(self) -> int:
-        return int(sum(self.counts))
-
-
-class _TarErrors:
-    """webdataset exception handler that counts and logs instead of raising."""
-
-    def __init__(self, stats: Counter):
-        self.stats = stats
-
-    def __call__(self, exn: Exception) -> bool:
-        self.stats["tar_error"] += 1
-        log.warning("skipping unreadable tar data: %s", exn)
-        return True
-
-
-def _local_tar_files(path: str, handler) -> Iterator[dict]:
-    """Members of a local tar via random access (seek past what is not read); the same records
-    webdataset's ``tar_file_expander`` yields, ~25% less overhead than its stream mode."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                tar.members = []  # don't keep every header of a large shard in memory
-                name = info.name
-                if not info.isreg() or (name.startswith("__") and name.endswith("__")):
-                    continue
-                yield {"fname": name, "data": tar.extractfile(info).read(), "__url__": path}
-    except Exception as e:  # unreadable or damaged shard: keep what was read
-        handler(e)
-
-
-def _raw_samples(url: str, skip: int, take: int | None, stats: Counter) -> Iterator[dict]:
-    """Raw samples ``[skip, skip + take)`` of one shard, grouped by key with webdataset."""
-    handler = _TarErrors(stats)
-    if os.path.isfile(url):
-        files = _local_tar_files(url, handler)
-    else:  # pipe:, http(s):, s3 via pipe: ... through webdataset's opener and tar expander
-
-        def streams():
-            try:
-                yield {"url": url, "stream": gopen(url)}
-            except Exception as e:  # missing / unreadable shard
-                handler(e)
-
-        files = tar_file_expander(streams(), handler=handler)
-    for i, raw in enumerate(group_by_keys(files, handler=handler)):
-        if i < skip:
-            continue
-        if take is not None and i >= skip + take:
-            break
-        yield raw
-
-
-def iter_texts(spec) -> Iterator[str]:
-    """The non-empty texts (captions, text documents) of a shard spec, images not decoded."""
-    for s in iter_decoded(spec, DecodeConfig(), Counter(), drop_exts=("png", "jpg", "jpeg", "webp", "npy")):
-        if s.text:
-            yield s.text
-
-
-def iter_decoded(spec, cfg: DecodeConfig, stats: Counter, drop_exts: tuple[str, ...] = ()) -> Iterator:
-    """Every usable sample of a shard spec in shard order, skips counted in ``stats``.
-    ``drop_exts``: member endings not to decode at all (e.g. images when only text is wanted)."""
-    for url in expand_shards(spec):
-        for raw in _raw_samples(url, 0, None, stats):
-            if drop_exts:
-                raw = {k: v for k, v in raw.items() if not k.endswith(drop_exts)}
-            try:
-                yield decode_sample(raw, cfg, stats)
-            except SkipSample as e:
-                stats[e.reason] += 1
-
-
-def _slice(counts: list[int], order: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
-    """(shard index, skip, take) pieces covering [start, stop) of the shards laid end to end in ``order``."""
-    pieces, offset = [], 0
-    for si in order:
-        n = counts[si]
-        lo, hi = max(start, offset), min(stop, offset + n)
-        if lo < hi:
-            pieces.append((si, lo - offset, hi - lo))
-        offset += n
-        if offset >= stop:
-            break
-    return pieces
 
 
 def _shuffled(it: Iterator, bufsize: int, rng: random.Random) -> Iterator:
@@ -179,128 +68,6 @@ def _shuffled(it: Iterator, bufsize: int, rng: random.Random) -> Iterator:
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
-
-
-def _quotas(n: int, weights: list[float]) -> list[int]:
-    """``n`` samples split by weight (largest remainder): they sum to ``n``, each within 1 of its share."""
-    total = sum(weights)
-    exact = [n * w / total for w in weights]
-    out = [int(x) for x in exact]
-    by_remainder = sorted(range(len(out)), key=lambda i: (out[i] - exact[i], i))
-    for i in by_remainder[: n - sum(out)]:
-        out[i] += 1
-    return out
-
-
-def _next_order(counts: list[int], order: list[int], keep: int, rng: random.Random) -> list[int]:
-    """A reshuffled shard order whose first ``keep`` samples are the samples before ``keep`` in ``order``.
-
-    Shards wholly before ``keep`` are shuffled to the front, the shard cut at ``keep`` comes next (its
-    first part lands exactly on ``[.., keep)``), the shards after it are shuffled to the back; so an
-    epoch reading ``order[keep:]`` and then the first ``<= keep`` samples of the new order sees no
-    sample twice."""
-    head, cut, tail, offset = [], [], [], 0
-    for si in order:
-        if offset + counts[si] <= keep:
-            head.append(si)
-        elif offset >= keep:
-            tail.append(si)
-        else:
-            cut.append(si)
-        offset += counts[si]
-    rng.shuffle(head)
-    rng.shuffle(tail)
-    return head + cut + tail
-
-
-class _SourcePlan:
-    """Which samples of one source rank ``r`` reads in each epoch, derived on every rank alike from the
-    seed, the epoch, the shard counts and the source's ``quota`` (samples per rank per epoch).
-
-    * quota <= per-rank share (``total // world``): the source is one endless sequence of passes,
-      each pass a fresh shard order; epoch ``e`` reads positions ``[e*Q, (e+1)*Q)`` (``Q = world*quota``),
-      rank r the r-th ``quota`` of them. Every sample is read once per pass, none twice in an epoch.
-    * quota > per-rank share: upsampled. Each epoch a fresh shard order, rank r reads its own slice
-      ``[r*p, (r+1)*p)`` over and over; reads past the first ``p`` are labelled ``upsampled``.
-    """
-
-    def __init__(self, src: Source, quota: int, world_size: int, seed: int, shuffle: bool):
-        self.src, self.quota, self.world, self.seed, self.shuffle = src, quota, world_size, seed, shuffle
-        self.per_rank = src.total // world_size
-        self.upsampled = quota > self.per_rank
-        if self.upsampled and self.per_rank == 0:
-            raise ValueError(f"source {src.name!r} has {src.total} samples, fewer than the {world_size} ranks; "
-                             "every rank needs its own samples of it")
-        self._pass: tuple[int, list[int]] | None = None  # the last pass order computed (k, order)
-
-    def pieces(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple[int, int, int, str | None]]:
-        """(shard index, skip, take, label) covering positions ``[lo, hi)`` of the rank's quota."""
-        runs = self._upsampled_runs(epoch, rank, lo, hi) if self.upsampled else self._pass_runs(epoch, rank, lo, hi)
-        return [(si, skip, take, label) for order, start, stop, label in runs
-                for si, skip, take in _slice(self.src.counts, order, start, stop)]
-
-    def _upsampled_runs(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple]:
-        p, order, runs = self.per_rank, self._order(f"epoch{epoch}"), []
-        while lo < hi:
-            n = min(hi - lo, p - lo % p)
-            start = rank * p + lo % p
-            runs.append((order, start, start + n, "upsampled" if lo >= p else None))
-            lo += n
-        return runs
-
-    def _pass_runs(self, epoch: int, rank: int, lo: int, hi: int) -> list[tuple]:
-        total, first = self.src.total, (epoch * self.world + rank) * self.quota
-        g, end, runs = first + lo, first + hi, []
-        while g < end:
-            k = g // total
-            stop = min(end, (k + 1) * total)
-            runs.append((self._pass_order(k), g - k * total, stop - k * total, None))
-            g = stop
-        return runs
-
-    def _order(self, key: str) -> list[int]:
-        order = list(range(len(self.src.shards)))
-        if self.shuffle:
-            self._rng(key).shuffle(order)
-        return order
-
-    def _rng(self, key: str) -> random.Random:
-        return random.Random(f"{self.seed}/{self.src.name}/{key}")  # str seeds hash the same in every process
-
-    def _pass_order(self, k: int) -> list[int]:
-        """Shard order of pass k: pass 0 shuffled, each next one reshuffled by ``_next_order`` so the epoch
-        that runs from one pass into the next sees no sample twice. Computed forward from pass 0."""
-        if not self.shuffle:
-            return self._order("")
-        if self._pass is None or self._pass[0] > k:
-            self._pass = (0, self._order("pass0"))
-        while self._pass[0] < k:
-            j, order = self._pass
-            keep = self._straddle_start(j)
-            self._pass = (j + 1, _next_order(self.src.counts, order, keep, self._rng(f"pass{j + 1}")))
-        return self._pass[1]
-
-    def _straddle_start(self, k: int) -> int:
-        """Where in pass k the epoch starts that runs on into pass k+1 (the pass length if none does)."""
-        total, per_epoch = self.src.total, self.world * self.quota
-        end = (k + 1) * total
-        start = (end - 1) // per_epoch * per_epoch
-        return start - k * total if start + per_epoch > end else total
-
-
-class _OncePlan:
-    """The part of the sources rank ``rank`` reads in ``mode="once"``: of each source the ``rank``-th of
-    ``world`` contiguous slices in shard order (``first``: where it begins, ``counts``: its length), all
-    of them interleaved evenly, each source's samples spread over the part in proportion to its count
-    (``order``: the source of each position), so every batch holds about its share of each. ``cuts`` are
-    set by the stream: where the rank's batches begin, then where the last one ends."""
-
-    def __init__(self, sources: list[Source], rank: int, world: int):
-        self.first = [s.total * rank // world for s in sources]
-        self.counts = [s.total * (rank + 1) // world - f for s, f in zip(sources, self.first)]
-        spread = np.concatenate([(np.arange(n) + 0.5) / max(n, 1) for n in self.counts])
-        self.order = np.repeat(np.arange(len(sources), dtype=np.int32), self.counts)[np.argsort(spread, kind="stable")]
-        self.cuts: list[int] = []
 
 
 class ShardStream(IterableDataset):
@@ -337,7 +104,7 @@ class ShardStream(IterableDataset):
         self.base_epoch = 0
         self._iterations = 0  # epochs this copy has run (persistent workers keep their copy)
         self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
-        self.once = _OncePlan(sources, rank, world_size) if mode == "once" else None
+        self.once = OncePlan(sources, rank, world_size) if mode == "once" else None
         if self.once is not None:
             self.once.cuts = self._cut_once(batches_per_epoch)
             self.num_batches = len(self.once.cuts) - 1
@@ -347,8 +114,8 @@ class ShardStream(IterableDataset):
             self.num_batches = self._plan_batches(batches_per_epoch)
         # samples per rank per epoch of each source, and which of them each rank reads (mode="epoch")
         self.quotas = (self.once.counts if self.once is not None else
-                       _quotas(round(self.num_batches * self.samples_per_batch), [s.weight for s in sources]))
-        self.plans = ([_SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
+                       weighted_quotas(round(self.num_batches * self.samples_per_batch), [s.weight for s in sources]))
+        self.plans = ([SourcePlan(s, q, world_size, seed, shuffle) for s, q in zip(sources, self.quotas)]
                       if mode == "epoch" else [])  # resampled mode draws shards at random: no per-rank slices
 
     # ------------------------------------------------------------------ planning
@@ -368,7 +135,7 @@ class ShardStream(IterableDataset):
 
         def source(src: Source) -> Iterator:
             for shard in src.shards:
-                yield from self._decoded(_raw_samples(shard, 0, None, stats), stats)
+                yield from self._decoded(raw_samples(shard, 0, None, stats), stats)
 
         live = [(source(s), s.weight) for s in self.sources if s.weight > 0]
         rng = random.Random(self.seed)
@@ -430,8 +197,8 @@ class ShardStream(IterableDataset):
         before, upto = (np.bincount(order[:k], minlength=len(self.sources)) for k in (lo, hi))
 
         def raws(src: Source, start: int, stop: int) -> Iterator[dict]:
-            for si, skip, take in _slice(src.counts, list(range(len(src.shards))), start, stop):
-                yield from _raw_samples(src.shards[si], skip, take, stats)
+            for si, skip, take in shard_pieces(src.counts, list(range(len(src.shards))), start, stop):
+                yield from raw_samples(src.shards[si], skip, take, stats)
 
         streams = [self._decoded(raws(src, f + int(a), f + int(b)), stats, gaps=True)
                    for src, f, a, b in zip(self.sources, first, before, upto)]
@@ -484,7 +251,7 @@ class ShardStream(IterableDataset):
         while True:  # only reached when skipped samples (bad data, collator) left the batches short
             yield next(streams[rng.choices(live, weights=[int(count[i]) for i in live])[0]])
 
-    def _epoch_source(self, plan: _SourcePlan, pieces: list[tuple], rng: random.Random,
+    def _epoch_source(self, plan: SourcePlan, pieces: list[tuple], rng: random.Random,
                       stats: Counter) -> Iterator:
         """One source's samples for this worker: its pieces once (planned repeats labelled
         ``upsampled``), then over again as ``refill`` for as long as more are asked for."""
@@ -514,7 +281,7 @@ class ShardStream(IterableDataset):
 
     def _read(self, src: Source, pieces: list[tuple], stats: Counter) -> Iterator[tuple]:
         for si, skip, take, label in pieces:
-            for sample in self._decoded(_raw_samples(src.shards[si], skip, take, stats), stats):
+            for sample in self._decoded(raw_samples(src.shards[si], skip, take, stats), stats):
                 yield sample, label
 
     def _resampled_source(self, src: Source, rng: random.Random, stats: Counter) -> Iterator:
@@ -524,7 +291,7 @@ class ShardStream(IterableDataset):
         while True:
             got = 0
             si = rng.randrange(len(src.shards))
-            raw = _raw_samples(src.shards[si], 0, None, stats)
+            raw = raw_samples(src.shards[si], 0, None, stats)
             for sample in _shuffled(self._decoded(raw, stats), self.shuffle_buffer, rng):
                 got += 1
                 yield sample
@@ -625,12 +392,3 @@ def _stamped(batch: dict, stats: Counter) -> dict:
     batch["data_stats"] = dict(stats)
     stats.clear()
     return batch
-
-
-def worker_init_threads(_: int) -> None:
-    """DataLoader workers decode images; one intra-op thread each avoids oversubscribing cores. They
-    leave preemption signals to the main process (``unifuse.run.preemption.shield_worker``)."""
-    from unifuse.run.preemption import shield_worker
-
-    torch.set_num_threads(1)
-    shield_worker()

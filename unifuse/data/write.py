@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from unifuse.data.samples import IMAGE_EXTS, resize_square
-from unifuse.data.shards import ShardWriter, Staging, WriteSummary
+from unifuse.data.staging import Staging
+from unifuse.data.writer import ShardWriter, WriteSummary
 from unifuse.run.progress import progress
 
 log = logging.getLogger("unifuse.data")

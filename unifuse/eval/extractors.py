@@ -24,6 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from unifuse.data.read import iter_decoded
+from unifuse.data.samples import DecodeConfig, image_batch
+from unifuse.run.progress import progress
+
 log = logging.getLogger("unifuse.eval")
 DOMAIN = "unifuse-domain"
 INCEPTION = "inception-v3-compat"
@@ -163,10 +167,6 @@ def label_of(sample) -> str | None:
 def train_domain_extractor(shards: str, out: str | Path, epochs: int = 6, batch_size: int = 128,
                            lr: float = 2e-3, seed: int = 0, max_samples: int | None = 10_000) -> dict:
     """Train the domain classifier on labelled training shards and save it (weights only)."""
-    from unifuse.data.samples import DecodeConfig, image_batch
-    from unifuse.data.stream import iter_decoded
-    from unifuse.run.progress import progress
-
     torch.manual_seed(seed)
     stats, images, labels = Counter(), [], []
     decoded = iter_decoded(shards, DecodeConfig(image_size=32, require_image=True), stats)

@@ -21,6 +21,8 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
+from unifuse.data.read import iter_decoded
+from unifuse.data.samples import DecodeConfig, image_batch
 from unifuse.eval.extractors import DOMAIN, INCEPTION, file_hash, inception_weights
 from unifuse.eval.protocol import EvalConfig  # noqa: F401  (the settings' home; re-exported)
 from unifuse.run.progress import interactive, progress
@@ -47,9 +49,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def reference_set(shards: str, n: int, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """First n decodable images of a split (shard order: deterministic) and their captions."""
-    from unifuse.data.samples import DecodeConfig, image_batch
-    from unifuse.data.stream import iter_decoded
-
     images, captions = [], []
     for s in iter_decoded(shards, DecodeConfig(image_size=size, require_image=True), Counter()):
         images.append(s.images[0])

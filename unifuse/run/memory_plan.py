@@ -48,9 +48,11 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 
 from unifuse.models.transformer import Block, Transformer, TransformerConfig
+from unifuse.run.parallel import import_class
 
 log = logging.getLogger("unifuse")
 
@@ -220,7 +222,6 @@ class MemoryPlanCallback(L.Callback):
         self.plan: MemoryPlan | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from lightning.pytorch.callbacks import WeightAveraging
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         strategy = trainer.strategy
@@ -258,9 +259,6 @@ def plan_from_config(cfg) -> MemoryPlan:
     GPUs: the net is built on the meta device; a configured text tokenizer is replaced by its
     ``vocab_size`` (bytes: 256). The frozen image autoencoder is not counted (not built)."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    from unifuse.run.parallel import import_class
 
     t, net_cfg = cfg.trainer, cfg.model.net
     strategy = t.get("strategy")  # a name ("ddp", "fsdp") or a node with _target_

@@ -36,8 +36,11 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from unifuse.run.callbacks import FidelityEval, ImageLogger
 
 log = logging.getLogger("unifuse")
 
@@ -171,10 +174,6 @@ def _remove(path: Path) -> None:
 def check_callbacks(callbacks) -> None:
     """Refuse callbacks that cannot work with a sharded model, where each rank holds a slice of every
     weight and every rank takes part in each forward; one error names them all."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    from unifuse.run.callbacks import FidelityEval, ImageLogger
-
     found = []
     for cb in callbacks:
         if isinstance(cb, WeightAveraging):

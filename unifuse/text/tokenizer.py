@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from unifuse.run.progress import interactive, progress
+
 
 class TextTokenizer(Protocol):
     vocab_size: int
@@ -67,8 +69,6 @@ class BPETokenizer:
         """Train on ``texts`` (reading them reports progress; so do the merges on a terminal)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        from unifuse.run.progress import interactive, progress
-
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -89,37 +89,3 @@ def load_tokenizer(cfg: dict | None) -> TextTokenizer:
     if cfg["kind"] == "bpe":
         return BPETokenizer(cfg.get("path"), json_text=cfg.get("json"))
     raise ValueError(f"unknown tokenizer kind {cfg['kind']!r}")
-
-
-def bpe_from_shards(out: str | Path, shards: str, vocab_size: int = 4096, build: str | None = None,
-                    build_args: dict | None = None) -> BPETokenizer:
-    """The BPE vocabulary at ``out``, trained on the texts of ``shards`` the first time it is asked
-    for (what a preset's ``net.text_tokenizer`` names, so a fresh clone needs no extra step). When
-    the shards are an embedded dataset not built yet, ``build`` / ``build_args`` build it first
-    (``shards`` is then ``<build_args.out>/train``-like: the builder's ``out`` is its parent). A lock
-    file makes concurrent ranks train it once; the JSON is written under a temporary name and
-    renamed, so a killed run leaves no half-written vocabulary."""
-    import fcntl
-    import os
-
-    out = Path(out)
-    if out.is_file():
-        return BPETokenizer(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.is_file():
-            from unifuse.data.builders import BUILDERS
-            from unifuse.data.shards import build_complete
-            from unifuse.data.stream import iter_texts
-
-            if build is not None:
-                if build not in BUILDERS:
-                    raise ValueError(f"unknown embedded dataset {build!r}; known: {', '.join(BUILDERS)}")
-                root = Path(shards).parent
-                if not build_complete(root):
-                    BUILDERS[build](out=root, **dict(build_args or {}))
-            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            BPETokenizer.train(iter_texts(shards), tmp, vocab_size)
-            os.replace(tmp, out)
-    return BPETokenizer(out)
