@@ -113,7 +113,7 @@ def test_evaluate_cli_evaluates_the_chosen_weights(ema_run, tiny_emoji, tmp_path
                    cfg_weights=cfg.weights)
         return {"metrics": {"rfid": 1.0}, "protocol": {"feature_extractor": "x", "n": 1, "weights": weights}}
 
-    monkeypatch.setitem(fidelity.EVALUATORS, "reconstruction", fake_evaluator)
+    monkeypatch.setattr(fidelity, "evaluate_tokenizer", fake_evaluator)  # the vqvae paradigm's evaluator
     last = run_dir / "checkpoints" / "last.ckpt"
     for weights, want in (("ema", probe.avg), ("raw", probe.raw), (None, probe.avg)):
         extra = {"weights": weights} if weights else {}

@@ -1,9 +1,13 @@
 """Typed configuration schemas and OmegaConf resolvers, registered before Hydra composes.
 
-Architecture hyperparameters are dataclasses stored in Hydra's ConfigStore under ``schema/``;
-the model yaml files put them in their defaults lists (``/schema/autoencoder@net.autoencoder``),
-so a misspelled key fails at compose time with the key named, and ``_convert_: object`` hands the
-modules real dataclass instances.
+Architecture hyperparameters are dataclasses stored in Hydra's ConfigStore under ``schema/``
+(each paradigm's spec names its own, :mod:`unifuse.paradigms`); the model yaml files put them in
+their defaults lists (``/schema/autoencoder@net.autoencoder``), so a misspelled key fails at compose
+time with the key named, and ``_convert_: object`` hands the modules real dataclass instances.
+
+``plugins=[<module>, ...]`` (every CLI) imports modules that register paradigms defined outside
+unifuse; the command line's value is read before Hydra composes, so the schemas and config options
+they store are there to compose.
 """
 
 from __future__ import annotations
@@ -11,22 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import get_type_hints
 
+import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from unifuse import paradigms
 from unifuse.eval.protocol import OnlineEvalConfig
-from unifuse.models.autoencoder import AutoencoderConfig
-from unifuse.models.discriminator import AdversarialConfig
-from unifuse.models.dit import DiTConfig
-from unifuse.models.quantize import QuantizerConfig
-from unifuse.models.transformer import TransformerConfig
-from unifuse.models.transfusion import TransfusionConfig
 from unifuse.sampling.settings import SamplingSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -189,6 +193,7 @@ class SampleApp(SamplingOverrides):
     tokenizer: str | None = None  # image tokenizer to decode with; default: the one the checkpoint carries
     weights: str | None = None  # ema | raw; default: the training run's eval.weights (raw without an EMA)
     device: str = "cpu"
+    plugins: list[str] = field(default_factory=list)  # modules registering paradigms defined outside unifuse
 
 
 @dataclass
@@ -209,6 +214,7 @@ class EvaluateApp(SamplingOverrides):
     tokenizer: str | None = None
     out: str | None = None  # JSON path; default next to the checkpoint
     device: str = "cpu"
+    plugins: list[str] = field(default_factory=list)  # modules registering paradigms defined outside unifuse
 
 
 @dataclass
@@ -225,6 +231,7 @@ class ExportApp:
 
     ckpt: str = MISSING
     out: str = MISSING
+    plugins: list[str] = field(default_factory=list)  # modules registering paradigms defined outside unifuse
 
 
 def given(cfg: DictConfig, schema: type) -> dict:
@@ -277,26 +284,60 @@ def compose_app(name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def plugin_overrides(args: list[str]) -> list[str]:
+    """The modules a ``plugins=[...]`` override among the command-line ``args`` names (also
+    ``+plugins=...``; a sweep over plugins names all its values). Others are left to Hydra."""
+    found: list[str] = []
+    for arg in args:
+        if not re.match(r"\+{0,2}plugins=", arg):
+            continue
+        value = OverridesParser.create().parse_override(arg).value()
+        value = value.list if isinstance(value, ChoiceSweep) else value
+        found += [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
+    return found
+
+
+def use_plugins(modules) -> None:
+    """Import the plugin modules (they register their paradigms) and store every paradigm's schemas."""
+    paradigms.load_plugins(modules)
+    store_schemas()
+
+
+def store_schemas() -> None:
+    """Each registered paradigm's schemas, as ``schema/<name>`` in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    for spec in paradigms.paradigms():
+        for name, node in spec.schema_nodes().items():
+            cs.store(group="schema", name=name, node=node)
+
+
 def tool_main(config_name: str, task):
     """The entry point of a Hydra tool app (``sample``, ``evaluate``, ``export``): ``main()`` runs the
     CLI on ``conf/<config_name>.yaml`` (bad input ends with its message, not a traceback);
-    ``main(overrides)`` composes the same config in-process and returns ``task``'s result."""
-    import sys
+    ``main(overrides)`` composes the same config in-process and returns ``task``'s result. Both
+    import the ``plugins`` first."""
 
-    import hydra
+    def with_plugins(cfg: DictConfig):
+        use_plugins(cfg.plugins)
+        return task(cfg)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def app(cfg: DictConfig) -> None:
         try:
-            task(cfg)
+            with_plugins(cfg)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
 
     def main(argv: list[str] | None = None):
         if argv is None:
+            try:
+                use_plugins(plugin_overrides(sys.argv[1:]))
+            except ValueError as e:
+                sys.exit(f"error: {e}")
             app()
             return None
-        return task(compose_app(config_name, argv))
+        use_plugins(plugin_overrides(argv))
+        return with_plugins(compose_app(config_name, argv))
 
     return main
 
@@ -313,12 +354,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("unifuse.native_bf16"):
         OmegaConf.register_new_resolver("unifuse.native_bf16", native_bf16_precision, use_cache=True)
     cs = ConfigStore.instance()
-    cs.store(group="schema", name="autoencoder", node=AutoencoderConfig)
-    cs.store(group="schema", name="quantizer", node=QuantizerConfig)
-    cs.store(group="schema", name="transformer", node=TransformerConfig)
-    cs.store(group="schema", name="dit", node=DiTConfig)
-    cs.store(group="schema", name="transfusion", node=TransfusionConfig)
-    cs.store(group="schema", name="adversarial", node=AdversarialConfig)
+    store_schemas()
     cs.store(group="schema", name="sampling", node=SamplingSettings)
     cs.store(group="schema", name="eval", node=OnlineEvalConfig)
     cs.store(group="schema", name="guard", node=GuardConfig)

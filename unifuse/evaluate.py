@@ -1,11 +1,12 @@
 """``python -m unifuse.evaluate ckpt=<path> [n=256 extractor=domain cfg_scale=3 steps=8 seed=0 ...]``
 
 A Hydra app (``conf/evaluate.yaml``, typed by ``unifuse.config.EvaluateApp``; a misspelled key fails
-naming it). Loads any checkpoint kind through the registry (``unifuse.run.checkpoint``): autoencoders
-get reconstruction FID + PSNR/SSIM, generators text-to-image FID/KID from the reference split's
-captions. The protocol and sampling settings stored by the training run are the defaults, so the
-logged online number is reproduced; any field can be overridden. The result is a JSON next to the
-checkpoint (or ``out=``), named by its protocol.
+naming it). Loads any checkpoint kind through ``unifuse.run.checkpoint`` and evaluates it as its
+paradigm says (``unifuse.paradigms``): autoencoders get reconstruction FID + PSNR/SSIM, generators
+text-to-image FID/KID from the reference split's captions. A paradigm defined outside unifuse
+needs its module: ``plugins=[<module>]``. The protocol and sampling settings stored by the training
+run are the defaults, so the logged online number is reproduced; any field can be overridden. The
+result is a JSON next to the checkpoint (or ``out=``), named by its protocol.
 
 Sweeps: ``python -m unifuse.evaluate -m ckpt=... cfg_scale=1,1.5,3`` runs one job per value, each
 writing its JSON, and ends with a summary table (``summary.md``, ``summary.csv`` in the sweep dir).
@@ -16,43 +17,44 @@ the domain feature extractor.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from unifuse import config as _config
+from unifuse import paradigms
 from unifuse.config import SamplingOverrides, given
+from unifuse.eval.extractors import train_domain_extractor
+from unifuse.eval.fidelity import metric_name, protocol_parts
 from unifuse.eval.protocol import EvalConfig
+from unifuse.run.checkpoint import load_net, load_pipeline, read_checkpoint
+from unifuse.run.sharded import is_sharded
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, tokenizer: str | None = None, device: str = "cpu",
                         out: str | None = None, **overrides) -> dict:
     """Evaluate one checkpoint: ``overrides`` are EvalConfig fields and sampling settings."""
-    from unifuse.eval.fidelity import EVALUATORS, metric_name, protocol_parts
-    from unifuse.run.checkpoint import get_kind, load_net, load_pipeline, read_checkpoint
-    from unifuse.run.sharded import is_sharded
-
     unknown = set(overrides) - {f.name for f in fields(EvalConfig)} - {f.name for f in fields(SamplingOverrides)}
     if unknown:
         raise ValueError(f"unknown evaluation settings: {sorted(unknown)}")
     ck = read_checkpoint(ckpt_path, device, overrides.get("weights"))  # ema | raw; default: the run's choice
-    kind = get_kind(ck.kind)
     names = {f.name for f in fields(EvalConfig)}
     cfg = EvalConfig(**{**{k: v for k, v in ck.eval.items() if k in names},
                         **{k: v for k, v in overrides.items() if k in names}, "weights": ck.weights})
     if cfg.reference is None:
         raise ValueError("no reference set: pass reference=<image shards of the val split>")
     sampling = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SamplingOverrides)}}
-    if kind.pipeline is None:
-        result = EVALUATORS[kind.task](load_net(ck, device), cfg, weights=ck.weights)
-    else:
-        pipe, _ = load_pipeline(ck.path, tokenizer, device, ck.weights)
-        result = EVALUATORS[kind.task](pipe, cfg, weights=ck.weights, **sampling)
+    result = paradigms.get(ck.kind).evaluate(lambda: load_net(ck, device),
+                                             lambda: load_pipeline(ck.path, tokenizer, device, ck.weights)[0],
+                                             cfg, ck.weights, **sampling)
     result = {"checkpoint": str(ck.path), "kind": ck.kind, "epoch": ck.epoch, "step": ck.step,
               "eval_config": asdict(cfg), **result,
               "metric_names": {k: metric_name(k, result["protocol"]) for k in result["metrics"]}}
@@ -70,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
     ckpt = opts.pop("ckpt", None)
     if ckpt is None:
         raise ValueError("ckpt=<checkpoint or export directory> is required")
-    for key in ("tokenizer", "device", "out"):
+    for key in ("tokenizer", "device", "out", "plugins"):
         opts.pop(key, None)
     result = evaluate_checkpoint(ckpt, tokenizer=cfg.tokenizer, device=cfg.device, out=cfg.out, **opts)
     print(json.dumps({k: result[k] for k in ("metrics", "protocol", "json")}, indent=2))
@@ -80,9 +82,6 @@ def run(cfg: DictConfig) -> dict:
 
 def _record_sweep_job(result: dict) -> None:
     """In a sweep, each job also leaves its result in its own directory for the summary table."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     hc = HydraConfig.get()
@@ -137,10 +136,6 @@ class SweepSummary(Callback):
 
 
 def build_extractor(argv: list[str]) -> dict:
-    import argparse
-
-    from unifuse.eval.extractors import train_domain_extractor
-
     p = argparse.ArgumentParser(prog="python -m unifuse.evaluate build-extractor")
     p.add_argument("--shards", required=True, help="labelled training image shards")
     p.add_argument("--out", required=True, help="weights file to write (.pt)")

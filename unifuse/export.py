@@ -12,6 +12,7 @@ neither Lightning nor pickle::
     net = build_net(c["kind"], c["config"], safetensors.torch.load_file("dir/model.safetensors"))
 
 The directory is itself a checkpoint for ``unifuse.sample`` and ``unifuse.evaluate`` (``ckpt=dir``).
+A paradigm defined outside unifuse needs its module: ``plugins=[<module>]``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from unifuse import config as _config
+from unifuse.run.checkpoint import export as write_export
 
 
 def export(cfg: DictConfig):
-    from unifuse.run.checkpoint import export as write_export
-
     out = write_export(cfg.ckpt, cfg.out)
     print(f"exported {cfg.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return out

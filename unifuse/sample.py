@@ -1,7 +1,8 @@
 """``python -m unifuse.sample ckpt=<path> prompt="dog face|red heart" n=16 [cfg_scale=3 steps=8 ...]``
 
 A Hydra app (``conf/sample.yaml``, typed by ``unifuse.config.SampleApp``): loads any generator
-checkpoint or export directory through the checkpoint registry (weights-only, no Lightning), samples
+checkpoint or export directory through ``unifuse.run.checkpoint`` (weights-only, no Lightning; a
+paradigm defined outside unifuse needs ``plugins=[<module>]``), samples
 ``n`` images per prompt, decodes them with the image tokenizer the checkpoint carries (or
 ``tokenizer=<checkpoint>``), writes a PNG grid (one row per prompt when n <= 16, the prompt under
 its first image) and prints its path.
@@ -30,10 +31,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from omegaconf import DictConfig
+from PIL import Image
 
 from unifuse import config as _config
 from unifuse.config import SamplingOverrides, given
+from unifuse.run.checkpoint import load_pipeline
+from unifuse.run.sharded import is_sharded
+from unifuse.run.viz import save_captioned_grid
 
 
 def parse_prompts(prompt: str | None, uncond: bool) -> list[str]:
@@ -48,8 +55,6 @@ def parse_prompts(prompt: str | None, uncond: bool) -> list[str]:
 
 
 def default_out(ckpt_path: Path, kind: str, prompts: list[str], seed) -> Path:
-    from unifuse.run.sharded import is_sharded
-
     # an export directory is its own run; a .ckpt file or a sharded checkpoint sits in <run>/checkpoints/
     run = ckpt_path if ckpt_path.is_dir() and not is_sharded(ckpt_path) else ckpt_path.parent.parent
     slug = "_".join(p.replace(" ", "-") or "uncond" for p in prompts)[:80]
@@ -65,10 +70,6 @@ def _needs(pipe, method: str, mode: str, kind: str) -> None:
 def read_image(path: str, size: int):
     """The image file at ``path`` as a (3, size, size) RGB tensor in [-1, 1]. A missing file, or one
     that is not an image PIL can decode (another format, truncated), is an error naming it."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
     if not Path(path).exists():
         raise FileNotFoundError(f"image={path}: no such file")
     try:
@@ -80,10 +81,6 @@ def read_image(path: str, size: int):
 
 
 def caption_images(cfg: DictConfig, pipe, ck) -> Path:
-    import torch
-
-    from unifuse.run.viz import save_captioned_grid
-
     _needs(pipe, "caption", "caption", ck.kind)
     if not cfg.image:
         raise ValueError('mode=caption needs image="a.png|b.png"')
@@ -100,10 +97,6 @@ def caption_images(cfg: DictConfig, pipe, ck) -> Path:
 
 
 def write_document(cfg: DictConfig, pipe, ck, overrides: dict) -> Path:
-    import torch
-
-    from unifuse.run.viz import save_captioned_grid
-
     _needs(pipe, "document", "document", ck.kind)
     if not cfg.prompt:
         raise ValueError('mode=document needs prompt="text<image>more text<image>"')
@@ -133,11 +126,6 @@ def write_document(cfg: DictConfig, pipe, ck, overrides: dict) -> Path:
 
 
 def sample(cfg: DictConfig) -> Path:
-    import torch
-
-    from unifuse.run.checkpoint import load_pipeline
-    from unifuse.run.viz import save_captioned_grid
-
     if cfg.mode not in ("text2image", "caption", "document"):
         raise ValueError(f"mode must be text2image, caption or document, not {cfg.mode!r}")
     pipe, ck = load_pipeline(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.weights)

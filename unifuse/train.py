@@ -7,6 +7,10 @@ leaves rank variables (LOCAL_RANK, WORLD_SIZE, ...) in the environment after the
 each job that needs more than one process is run as a fresh single run of this module in a child
 process, with that job's overrides only and that job's output directory, and a clean environment.
 The child exits, taking its process group and variables with it; the next job starts clean.
+
+``plugins=[<module>]`` imports modules that register paradigms defined outside unifuse (read from
+the command line before Hydra composes, so the schemas they store compose); the model config then
+names the plugin's LightningModule and net by ``_target_``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ import warnings
 from pathlib import Path
 
 import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unifuse import config as _config  # noqa: F401  (registers schemas and resolvers)
-from unifuse.config import ConfigError, require_targets
+from unifuse.config import WANDB_RUN_FILE, ConfigError, plugin_overrides, require_targets, use_plugins
+from unifuse.run.guard import manual_optimisation_kwargs
+from unifuse.run.parallel import compile_blocks
+from unifuse.run.resume import complete_checkpoints, resolve_ckpt_path
 
 log = logging.getLogger("unifuse")
 # 1x1 conv weight grads come back with arbitrary strides on their size-1 dims; DDP warns though
@@ -54,8 +66,6 @@ def _launched_externally() -> bool:
 
 
 def _relaunch_job(cfg: DictConfig) -> int:
-    from hydra.core.hydra_config import HydraConfig
-
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
     cmd = [sys.executable, "-m", "unifuse.train", *hc.overrides.task, f"hydra.run.dir={out_dir}"]
@@ -70,9 +80,6 @@ def _relaunch_job(cfg: DictConfig) -> int:
 
 
 def _needs_relaunch(cfg: DictConfig) -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
     return _processes_per_job(cfg) > 1 and not _launched_externally()
@@ -80,12 +87,7 @@ def _needs_relaunch(cfg: DictConfig) -> bool:
 
 def train(cfg: DictConfig) -> dict:
     """Build data, model, callbacks, loggers and trainer from ``cfg`` and fit. Returns metrics and paths."""
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
-
-    from unifuse.run.resume import complete_checkpoints, resolve_ckpt_path
-
+    use_plugins(cfg.get("plugins") or [])  # before the model's _target_ is built: its paradigm must be registered
     require_targets(cfg, "callbacks", "logger")  # before anything is built
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)  # last | auto | <file>
     if cfg.get("seed") is not None:
@@ -96,21 +98,15 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     if (cfg.get("compile") or {}).get("enabled"):
-        from unifuse.run.parallel import compile_blocks
-
         compile_blocks(model, backend=cfg.compile.backend)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    from unifuse.run.guard import manual_optimisation_kwargs
-
     # modules that optimise by hand clip their gradients themselves (Lightning refuses the trainer's)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           **manual_optimisation_kwargs(model, cfg.trainer))
 
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is not None and trainer.is_global_zero:  # what a resume needs to continue this W&B run
-        from unifuse.config import WANDB_RUN_FILE
-
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         Path(cfg.paths.output_dir, WANDB_RUN_FILE).write_text(
             json.dumps({"id": wandb_cfg.get("id"), "name": wandb_cfg.get("name")}))
@@ -159,7 +155,7 @@ def _report(result: dict) -> None:
 
 def _finish_wandb(failed: bool) -> None:
     try:
-        import wandb
+        import wandb  # deferred: optional, and a second of imports for runs that log without it
     except ImportError:
         return
     if wandb.run is not None:
@@ -167,7 +163,7 @@ def _finish_wandb(failed: bool) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float | None:
     if _needs_relaunch(cfg):
         _relaunch_job(cfg)
         return None
@@ -181,6 +177,15 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(f"error: {e}")
     finally:
         _finish_wandb(failed)  # always, or multirun jobs merge into one W&B run
+
+
+def main() -> float | None:
+    """The CLI: the command line's ``plugins`` are imported before Hydra composes."""
+    try:
+        use_plugins(plugin_overrides(sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return _app()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from unifuse.data.read import iter_texts
 from unifuse.data.samples import Sample
 from unifuse.models.pixels import PixelSpace
 from unifuse.models.transformer import Transformer, TransformerConfig
+from unifuse.paradigms import paradigm_of
 from unifuse.run.perf import compute_dtype, cpu_peak_flops, measure_cpu_peak
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: data/ and conf/ under it
@@ -82,7 +83,7 @@ def build(name: str, args, captions: list[str]) -> dict:
     preset, key = PRESETS[name]
     cfg = compose(preset, key, args.width, args.layers, args.heads)
     module = instantiate(cfg.model)
-    if module.tokenizer_kind == "kl_autoencoder":  # latents arrive normalised-ready: no autoencoder needed
+    if paradigm_of(PixelSpace).name in module.paradigm.tokenizers:  # latents arrive normalised-ready: no autoencoder
         object.__setattr__(module, "tokenizer", PixelSpace(module.net.latent_shape()[0]))
     batch = emoji_batch(cfg, module, captions)
     mixed = args.precision.endswith("-mixed")

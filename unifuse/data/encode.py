@@ -25,6 +25,8 @@ from unifuse.data.samples import DecodeConfig, SkipSample, decode_sample, image_
 from unifuse.data.shards import expand_shards, shard_counts
 from unifuse.data.staging import Staging
 from unifuse.data.writer import ShardWriter
+from unifuse.models.kl_autoencoder import KLAutoencoder
+from unifuse.models.vqvae import VQVAE
 from unifuse.run.checkpoint import load_net
 
 STAMP = "_encoded_with.json"
@@ -38,7 +40,7 @@ def _splits(src: Path) -> list[tuple[str, Path]]:
 def encode_shards(tokenizer: str | Path, src: str | Path, out: str | Path, batch_size: int = 256,
                   shard_size: int = 10_000, device: str = "cpu", image_size: int | None = None) -> dict:
     tokenizer, src, out = Path(tokenizer), Path(src), Path(out)
-    net = load_net(tokenizer, map_location=device, expect=("vqvae", "kl_autoencoder")).to(device)
+    net = load_net(tokenizer, map_location=device, expect=(VQVAE, KLAutoencoder)).to(device)
     if hasattr(net, "codebook_size"):
         dtype = np.int16 if net.codebook_size <= np.iinfo(np.int16).max else np.int32
     else:

@@ -181,8 +181,5 @@ def evaluate_generator(pipeline, cfg: EvalConfig, weights: str = "raw", **overri
     return {"metrics": fidelity(images, ref, cfg, _cache_key(protocol)), "protocol": protocol}
 
 
-EVALUATORS = {"reconstruction": evaluate_tokenizer, "text-to-image": evaluate_generator}
-
-
 def config_dict(cfg: EvalConfig) -> dict:
     return asdict(cfg)

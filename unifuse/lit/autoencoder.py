@@ -11,6 +11,7 @@ With the adversarial term on, the module uses Lightning's manual optimisation wi
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -22,6 +23,8 @@ from unifuse.models.discriminator import (
     hinge_d_loss,
     hinge_g_loss,
 )
+from unifuse.models.lpips import LPIPS
+from unifuse.run.flops import forward_flops
 
 
 class ReconstructionModule(UnifuseModule):
@@ -41,17 +44,10 @@ class ReconstructionModule(UnifuseModule):
         self.perceptual_weight = float(perceptual_weight)
         self.lpips = None
         if self.perceptual_weight > 0:
-            from unifuse.models.lpips import LPIPS
-
             # frozen helper, not a submodule: not trained, not in the checkpoint
             object.__setattr__(self, "lpips", LPIPS.from_file(lpips_weights, "model.lpips_weights"))
 
-    def checkpoint_meta(self) -> dict:
-        return {"kind": self.kind, "config": self.net.config()}
-
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
-
         strategy = self.trainer.strategy
         if self.adv is not None and isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 \
                 and not strategy._ddp_kwargs.get("find_unused_parameters"):
@@ -156,8 +152,6 @@ class ReconstructionModule(UnifuseModule):
     def flops_per_batch(self, batch: dict) -> float:
         """Training FLOPs of one batch: the forward counted by torch's FlopCounterMode (CPU attention
         included, :mod:`unifuse.run.flops`), x3."""
-        from unifuse.run.flops import forward_flops
-
         x = batch["image"]
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
         return 3.0 * forward_flops(self.net, x[:1]) * len(x)

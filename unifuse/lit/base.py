@@ -1,6 +1,7 @@
-"""What every unifuse LightningModule shares: optimizer/scheduler wiring from Hydra partials,
-checkpoint metadata (kind + architecture config, so nets rebuild without Lightning; which weights
-the checkpoint's state_dict holds), the loss and gradient guards of :mod:`unifuse.run.guard`, and the
+"""What every unifuse LightningModule shares: its paradigm (the spec of its net,
+:mod:`unifuse.paradigms`), optimizer/scheduler wiring from Hydra partials, checkpoint metadata
+(kind + architecture config, so nets rebuild without Lightning; which weights the checkpoint's
+state_dict holds), the loss and gradient guards of :mod:`unifuse.run.guard`, and the
 ``log_images`` hook that ``ImageLogger`` calls on rank 0."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from unifuse.paradigms import Paradigm, paradigm_of
 from unifuse.run.guard import NonFiniteGuard, nonfinite_message, nonfinite_terms, total_norm_and_clip
 
 
@@ -36,7 +38,7 @@ def check_finite(terms: dict[str, torch.Tensor], step: int, batch: dict | None =
 
 
 class UnifuseModule(L.LightningModule):
-    kind: str = "base"
+    """Subclasses hold their net as ``self.net``; its class names the paradigm."""
 
     def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None,
                  weight_decay: float = 0.0):
@@ -46,9 +48,21 @@ class UnifuseModule(L.LightningModule):
         # (clip value, algorithm) for modules that optimise by hand (guard.manual_optimisation_kwargs)
         self.manual_clipping: tuple[float | None, str | None] = (None, None)
 
-    # subclasses return {"kind": ..., "config": {...}} describing their nets
+    @property
+    def paradigm(self) -> Paradigm:
+        """The spec of the net's paradigm (an error when this module is not the one it names)."""
+        spec = paradigm_of(self.net)
+        spec.check_module(self)
+        return spec
+
+    @property
+    def kind(self) -> str:
+        """The checkpoint kind: the paradigm's name."""
+        return self.paradigm.name
+
+    # subclasses add what else rebuilding or sampling needs
     def checkpoint_meta(self) -> dict:
-        return {"kind": self.kind, "config": {}}
+        return {"kind": self.kind, "config": self.net.config()}
 
     # extra top-level checkpoint entries (tensors allowed), e.g. the weights of a frozen tokenizer
     def checkpoint_extras(self) -> dict:

@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from unifuse.lit.base import UnifuseModule
-from unifuse.models.image_gpt import TokenImageModel
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.pixels import IDENTITY, PixelSpace
 from unifuse.models.transformer import linear_flops
 from unifuse.models.vqvae import VQVAE
-from unifuse.pipelines import TokenImagePipeline
+from unifuse.paradigms import paradigm_of, paradigms
 from unifuse.run.checkpoint import load_net, tokenizer_entry
 from unifuse.run.resume import as_tuples
 from unifuse.text.tokenizer import ByteTokenizer
@@ -31,11 +30,8 @@ class GeneratorModule(UnifuseModule):
     """What every text-to-image generator module shares: a frozen image tokenizer / autoencoder
     (loaded from ``tokenizer_ckpt`` and carried in the checkpoint), caption dropout for guidance
     (``p_uncond``; models over packed sequences have the data collator drop captions instead),
-    stored sampling settings, the pipeline and the sample grid. Subclasses set ``tokenizer_kind``
-    and ``pipeline_class`` and check the tokenizer against their net."""
-
-    tokenizer_kind = "vqvae"
-    pipeline_class: type = TokenImagePipeline
+    stored sampling settings, the pipeline and the sample grid. The paradigm's spec names the
+    image tokenizer kinds and the pipeline class; subclasses check the tokenizer against their net."""
 
     def __init__(self, net, tokenizer_ckpt: str | None = None, optimizer=None, scheduler=None,
                  weight_decay: float = 0.1, cond: str = "text", p_uncond: float = 0.1,
@@ -60,11 +56,11 @@ class GeneratorModule(UnifuseModule):
     def setup(self, stage: str) -> None:
         self._check_collators()
         if self.tokenizer_ckpt and self.tokenizer is None:
-            tok, kind, path = self._load_tokenizer()
+            tok, path = self._load_tokenizer()
             tok.requires_grad_(False)
             self.check_tokenizer(tok)
             object.__setattr__(self, "tokenizer", tok)  # frozen helper: not a submodule, not trained
-            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(tok, kind, path, self.embed_tokenizer)
+            self._tokenizer_info, self._tokenizer_state = tokenizer_entry(tok, path, self.embed_tokenizer)
 
     def _check_collators(self) -> None:
         """Models over token sequences: the data collators must build them with the model's vocabulary."""
@@ -76,18 +72,22 @@ class GeneratorModule(UnifuseModule):
                 raise ValueError(f"data.{name} builds sequences with the vocabulary {theirs}, but the model's is "
                                  f"{vocab}: give data.{name} the model's vocab and text tokenizer")
 
-    def _load_tokenizer(self) -> tuple[torch.nn.Module, str, str]:
-        """(frozen tokenizer / autoencoder, its registry kind, the path recorded in checkpoints)."""
+    def _load_tokenizer(self) -> tuple[torch.nn.Module, str]:
+        """(frozen tokenizer / autoencoder of a kind the paradigm decodes with, the path recorded in
+        checkpoints)."""
+        kinds = self.paradigm.tokenizers
         if self.tokenizer_ckpt != IDENTITY:
-            tok = load_net(self.tokenizer_ckpt, expect=self.tokenizer_kind).to(self.device)
-            return tok, self.tokenizer_kind, str(Path(self.tokenizer_ckpt).resolve())
-        if self.tokenizer_kind != "kl_autoencoder":  # pixel space is for the continuous-image models
-            raise ValueError(f"model.tokenizer_ckpt=identity (pixels) works for latent diffusion and "
-                             f"Transfusion; {self.kind} needs a {self.tokenizer_kind} checkpoint")
-        return PixelSpace(), IDENTITY, IDENTITY
+            tok = load_net(self.tokenizer_ckpt, expect=kinds).to(self.device)
+            return tok, str(Path(self.tokenizer_ckpt).resolve())
+        pixels = paradigm_of(PixelSpace).name
+        if pixels not in kinds:  # pixel space is for the continuous-image models
+            takers = ", ".join(p.name for p in paradigms() if pixels in p.tokenizers)
+            raise ValueError(f"model.tokenizer_ckpt=identity (pixels) works for {takers}; "
+                             f"{self.kind} needs a {kinds[0]} checkpoint")
+        return PixelSpace(), IDENTITY
 
     def checkpoint_meta(self) -> dict:
-        return {"kind": self.kind, "config": self.net.config(), "cond": self.cond, "sampling": self.sampling,
+        return {**super().checkpoint_meta(), "cond": self.cond, "sampling": self.sampling,
                 "tokenizer": self._tokenizer_info}
 
     def checkpoint_extras(self) -> dict:
@@ -98,7 +98,7 @@ class GeneratorModule(UnifuseModule):
         if self.tokenizer is None:
             return None
         self.tokenizer.to(self.device)
-        return self.pipeline_class(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
+        return self.paradigm.pipeline_class()(self.net, self.tokenizer, cond=self.cond, sampling=self.sampling)
 
     def _conds(self, batch: dict, drop: float) -> list:
         """The batch's conditions, each dropped (None) with probability ``drop``. With ``drop`` 0
@@ -134,9 +134,7 @@ def expected_masked(n: int) -> float:
 
 
 class TokenGeneratorModule(GeneratorModule):
-    def __init__(self, net: TokenImageModel, *args, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.kind = net.kind
+    """The AR image GPT and MaskGIT (``unifuse.models.image_gpt.TokenImageModel``) over VQ codes."""
 
     def check_tokenizer(self, tok: VQVAE) -> None:
         if tok.codebook_size != self.net.vocab.image_codes:

@@ -17,8 +17,6 @@ from unifuse.models.kl_autoencoder import KLAutoencoder
 
 
 class KLAutoencoderModule(ReconstructionModule):
-    kind = "kl_autoencoder"
-
     def __init__(self, net: KLAutoencoder, *args, kl_weight: float = 1e-6, latent_stats_images: int = 4096,
                  **kwargs):
         super().__init__(net, *args, **kwargs)

@@ -1,8 +1,8 @@
 """LightningModule for Transfusion: the packed text/image rows of ``PackingCollator`` in, the
 model's LM + diffusion loss out. Image blocks are the normalised latents of a frozen KL autoencoder
 (from latent shards or encoded on the fly; posterior samples in training, the posterior mean in
-validation), exactly as latent diffusion gets them, so this module is latent diffusion with a
-different net and batch. Caption dropout for guidance happens in the collator
+validation), exactly as latent diffusion gets them (both are
+:class:`~unifuse.lit.latent.LatentGeneratorModule`). Caption dropout for guidance happens in the collator
 (``data.collator.p_uncond``), where the sequences are built.
 
 Validation logs ``val/loss``, ``val/text_loss``, ``val/image_loss`` (fixed times and noise on the
@@ -29,9 +29,8 @@ from collections import Counter
 
 import torch
 
-from unifuse.lit.ldm import LatentDiffusionModule
+from unifuse.lit.latent import LatentGeneratorModule
 from unifuse.models.transfusion import IMAGE, Transfusion
-from unifuse.pipelines import TransfusionPipeline
 from unifuse.run.flops import forward_flops
 
 
@@ -66,9 +65,7 @@ def text_only_positions(batch: dict) -> torch.Tensor:
     return ~with_image[key] & (doc >= 0)
 
 
-class TransfusionModule(LatentDiffusionModule):
-    kind = "transfusion"
-    pipeline_class = TransfusionPipeline
+class TransfusionModule(LatentGeneratorModule):
     RETRIEVAL_ROWS = 256  # caption scoring and decoding run this many rows at once
     BITS = ("caption_bpb", "text_bpb")  # val/<name>: documents with an image, text-only documents
 

@@ -9,8 +9,6 @@ from unifuse.lit.autoencoder import ReconstructionModule
 
 
 class VQVAEModule(ReconstructionModule):
-    kind = "vqvae"
-
     def bottleneck(self, x: torch.Tensor):
         recon, idx, qloss = self.net(x)
         return recon, qloss, {"quant": qloss}, None

@@ -96,8 +96,6 @@ class TokenImageModel(nn.Module):
 class ImageGPT(TokenImageModel):
     """Next-token prediction over [BOS] condition [BOI] codes [EOI]."""
 
-    kind = "ar_gpt"
-
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Next-token loss on packed rows of :class:`unifuse.data.collate.PackingCollator`
         (``tokens``, ``position``, ``doc_id``): every target predicted from the same document.

@@ -137,4 +137,4 @@ def load_kl_autoencoder(path: str | Path, map_location: str | torch.device = "cp
     """Rebuild a trained KL autoencoder from a unifuse checkpoint or export directory, without Lightning."""
     from unifuse.run.checkpoint import load_net
 
-    return load_net(path, map_location, expect="kl_autoencoder")
+    return load_net(path, map_location, expect=KLAutoencoder)

@@ -27,8 +27,6 @@ def cosine_schedule(r: torch.Tensor | float):
 
 
 class MaskGIT(TokenImageModel):
-    kind = "maskgit"
-
     def image_forward(self, image_tokens: torch.Tensor, conds: list) -> torch.Tensor:
         """Logits over the image codes for every image position: (B, N, codebook), running the
         whole row ``prompt + image`` (the uncached reference of :meth:`generate`). The caption is

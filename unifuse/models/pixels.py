@@ -24,7 +24,6 @@ class PointPosterior:
 
 
 class PixelSpace(nn.Module):
-    kind = IDENTITY
     downsample_factor = 1
     has_latent_stats = True
 

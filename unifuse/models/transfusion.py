@@ -165,7 +165,6 @@ class UNetPatches(nn.Module):
 
 
 class Transfusion(nn.Module):
-    kind = "transfusion"
     config_key = "model.net.image"  # where its latent_channels / latent_size are set (error messages)
 
     def __init__(self, transformer: TransformerConfig, image: TransfusionConfig | None = None,

@@ -74,4 +74,4 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQ
     """Rebuild a trained tokenizer from a unifuse checkpoint or export directory, without Lightning."""
     from unifuse.run.checkpoint import load_net
 
-    return load_net(path, map_location, expect="vqvae")
+    return load_net(path, map_location, expect=VQVAE)

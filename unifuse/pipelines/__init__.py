@@ -2,7 +2,7 @@
 for a generator, whatever its paradigm. A pipeline holds the net, the image tokenizer that decodes
 its output and the sampling settings the training run chose (overridable per call).
 
-Each generator kind names its pipeline class in ``unifuse.run.checkpoint``; the discrete-token
+Each generator's paradigm (``unifuse.paradigms``) names its pipeline class; the discrete-token
 generators (AR GPT, MaskGIT) share :class:`TokenImagePipeline`.
 """
 

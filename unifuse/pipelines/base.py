@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from unifuse.paradigms import paradigm_of
 from unifuse.sampling.settings import SamplingSettings
 
 
@@ -32,6 +33,10 @@ class Pipeline:
         arguments (the generator's own defaults stand for the unset ones)."""
         return settings.only(self.setting_names)
 
+    @property
+    def kind(self) -> str:
+        """The paradigm of the net (what evaluation protocols name as the sampler)."""
+        return paradigm_of(self.net).name
 
     def conditions(self, prompts: list) -> list:
         """Prompt strings -> the net's conditions (class-conditional nets take integers); an empty

@@ -30,10 +30,6 @@ class LatentDiffusionPipeline(Pipeline):
             raise ValueError(f"the autoencoder has {channels} latent channels but the denoiser was trained on "
                              f"{want}: pass the autoencoder it was trained with (tokenizer=...)")
 
-    @property
-    def kind(self) -> str:
-        return "ldm"
-
     def settings(self, **overrides) -> SamplingSettings:
         """The stored settings with ``overrides`` applied; an unset sampler or number of steps is
         the transport's default sampler and that sampler's default steps."""

@@ -26,10 +26,6 @@ class TokenImagePipeline(Pipeline):
         params = inspect.signature(net.generate).parameters
         self.setting_names = tuple(k for k in SamplingSettings.names() if k in params)
 
-    @property
-    def kind(self) -> str:
-        return self.net.kind
-
     @torch.no_grad()
     def generate(self, prompts: list, progress: bool = False, **overrides) -> torch.Tensor:
         """(len(prompts), 3, H, W) images in [-1, 1]. ``overrides``: sampling settings (cfg_scale,

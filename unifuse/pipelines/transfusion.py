@@ -14,10 +14,6 @@ class TransfusionPipeline(LatentDiffusionPipeline):
     text -> image (``generate``), image -> text (``caption``) and interleaved documents
     (``document``), all through the model's KV-cached decoding."""
 
-    @property
-    def kind(self) -> str:
-        return "transfusion"
-
     @torch.no_grad()
     def latents(self, prompts: list, settings: SamplingSettings, progress: bool = False) -> torch.Tensor:
         return self.net.generate(self.conditions(prompts), **self.arguments(self.with_defaults(settings)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +13,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
+from unifuse.eval.extractors import inception_weights, train_domain_extractor
+from unifuse.eval.fidelity import metric_name
+from unifuse.eval.protocol import EvalConfig
+from unifuse.run.ema import weights_in_use
 from unifuse.run.perf import compute_dtype, peak_flops
 from unifuse.run.viz import save_captioned_grid
 from unifuse.sampling import eval_mode
@@ -209,10 +215,6 @@ class FidelityEval(L.Callback):
     ``build_extractor_from`` names training shards."""
 
     def __init__(self, protocol, build_extractor_from: str | None = None, enabled: bool = True):
-        from omegaconf import OmegaConf
-
-        from unifuse.eval.fidelity import EvalConfig
-
         p = OmegaConf.to_container(protocol, resolve=True) if OmegaConf.is_config(protocol) else dict(protocol)
         self.every_n_epochs = int(p.pop("every_n_epochs", 1))
         self.build_from, self.enabled = build_extractor_from, enabled
@@ -229,8 +231,6 @@ class FidelityEval(L.Callback):
         weights = self.cfg.domain_weights
         if self.cfg.extractor == "domain" and weights and not Path(weights).is_file() and self.build_from:
             if trainer.is_global_zero:
-                from unifuse.eval.extractors import train_domain_extractor
-
                 log.info("training the domain feature extractor on %s -> %s", self.build_from, weights)
                 try:
                     train_domain_extractor(self.build_from, weights)
@@ -243,13 +243,9 @@ class FidelityEval(L.Callback):
             self.enabled = False
             return
         if self.cfg.extractor == "inception":  # fail at start-up, not after an epoch of training
-            from unifuse.eval.extractors import inception_weights
-
             inception_weights(self.cfg.inception_weights)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        from dataclasses import asdict
-
         checkpoint["unifuse_eval"] = asdict(self.cfg)  # so `unifuse.evaluate` repeats the same protocol
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -257,19 +253,12 @@ class FidelityEval(L.Callback):
             return
         if not trainer.is_global_zero:
             return
-        from unifuse.eval.fidelity import EVALUATORS, metric_name
-        from unifuse.run.checkpoint import get_kind
-        from unifuse.run.ema import weights_in_use
-
-        kind = get_kind(pl_module.kind)
         weights = weights_in_use(trainer)  # callbacks.ema keeps the average in until validation ends
-        if kind.pipeline is None:  # autoencoders: reconstructions of the reference images
-            result = EVALUATORS[kind.task](pl_module.net, self.cfg, weights=weights)
-        else:  # generators: samples through the same pipeline the sampling CLI uses
-            pipeline = pl_module.pipeline()
-            if pipeline is None:
-                return
-            result = EVALUATORS[kind.task](pipeline, self.cfg, weights=weights)
+        # the paradigm's evaluation, as `unifuse.evaluate` runs it: the net itself (autoencoders) or
+        # samples through the same pipeline the sampling CLI uses (generators; None without a tokenizer)
+        result = pl_module.paradigm.evaluate(lambda: pl_module.net, lambda: pl_module.pipeline(), self.cfg, weights)
+        if result is None:
+            return
         self.last = result
         metrics = {metric_name(k, result["protocol"]) if k not in ("psnr", "ssim", "kid_std") else f"eval/{k}": v
                    for k, v in result["metrics"].items()}

@@ -1,16 +1,14 @@
-"""One registry of checkpoint kinds, and the one loader every entry point uses.
+"""The one checkpoint loader every entry point uses.
 
 A unifuse checkpoint (a Lightning ``.ckpt`` or a directory written by ``python -m unifuse.export``)
-says what it holds: ``kind`` plus the net's ``config``. The registry maps a kind to
-
-* ``net``: the ``nn.Module`` class whose ``from_config(config)`` rebuilds the architecture,
-* ``task``: what evaluation means for it (``reconstruction``: rFID + PSNR/SSIM of an autoencoder;
-  ``text-to-image``: FID/KID of samples drawn from the reference captions),
-* ``pipeline``: for generators, the class that turns prompts into images (net + image tokenizer).
+says what it holds: ``kind`` plus the net's ``config``. The kind is the name of a paradigm
+(:mod:`unifuse.paradigms`): its spec names the net class whose ``from_config(config)`` rebuilds the
+architecture, the pipeline of a generator and the image tokenizers it decodes with.
 
 ``python -m unifuse.sample``, ``python -m unifuse.evaluate``, ``python -m unifuse.export``, the online
 FID callback and the generator modules all go through :func:`read_checkpoint` / :func:`load_net` /
-:func:`load_pipeline`. A new paradigm adds one :func:`register` call here, nothing else.
+:func:`load_pipeline`. A kind no spec is registered for is an error naming the ``plugins`` setting:
+the checkpoint never names code to import.
 
 Loading never unpickles: Lightning checkpoints are read with ``torch.load(weights_only=True)``,
 exports with ``safetensors``.
@@ -26,64 +24,22 @@ machine that has nothing else. ``tokenizer=<checkpoint>`` overrides what it carr
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from unifuse import paradigms
+from unifuse.run.sharded import is_sharded, read_sharded
 
 log = logging.getLogger("unifuse")
 
 EXPORT_FORMAT = "unifuse-export/1"
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = "config.json", "model.safetensors", "tokenizer.safetensors"
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    net: str  # "module:Class"; the class has from_config(config) and config()
-    task: str  # "reconstruction" | "text-to-image"
-    pipeline: str | None = None  # "module:Class" turning prompts into images (generators)
-
-    def net_class(self) -> type[nn.Module]:
-        return _import(self.net)
-
-    def pipeline_class(self):
-        if self.pipeline is None:
-            raise ValueError(f"a {self.name} checkpoint does not generate images from prompts")
-        return _import(self.pipeline)
-
-
-KINDS: dict[str, Kind] = {}
-
-
-def register(kind: Kind) -> Kind:
-    KINDS[kind.name] = kind
-    return kind
-
-
-register(Kind("vqvae", "unifuse.models.vqvae:VQVAE", "reconstruction"))
-register(Kind("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder", "reconstruction"))
-register(Kind("identity", "unifuse.models.pixels:PixelSpace", "reconstruction"))  # pixels as latents
-register(Kind("ar_gpt", "unifuse.models.image_gpt:ImageGPT", "text-to-image", "unifuse.pipelines:TokenImagePipeline"))
-register(Kind("maskgit", "unifuse.models.maskgit:MaskGIT", "text-to-image", "unifuse.pipelines:TokenImagePipeline"))
-register(Kind("ldm", "unifuse.models.dit:DiT", "text-to-image", "unifuse.pipelines:LatentDiffusionPipeline"))
-register(Kind("transfusion", "unifuse.models.transfusion:Transfusion", "text-to-image",
-              "unifuse.pipelines:TransfusionPipeline"))
-
-
-def _import(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def get_kind(name: str | None, where: str = "checkpoint") -> Kind:
-    if name not in KINDS:
-        raise ValueError(f"{where}: unknown checkpoint kind {name!r} (known: {', '.join(sorted(KINDS))})")
-    return KINDS[name]
 
 
 def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -122,7 +78,8 @@ class Checkpoint:
 
 
 def _upgrade(meta: dict) -> dict:
-    """Checkpoints written before the registry kept cond/sampling/tokenizer path inside ``config``."""
+    """Checkpoints written before the registry kept cond/sampling/tokenizer path inside ``config``
+    (their tokenizer is the first kind their paradigm decodes with)."""
     meta = dict(meta)
     config = dict(meta.get("config") or {})
     for key in ("cond", "sampling"):
@@ -131,7 +88,7 @@ def _upgrade(meta: dict) -> dict:
     if "tokenizer_ckpt" in config:
         path = config.pop("tokenizer_ckpt")
         if path and "tokenizer" not in meta:
-            meta["tokenizer"] = {"kind": "vqvae", "path": path}
+            meta["tokenizer"] = {"kind": paradigms.get(meta.get("kind")).tokenizers[0], "path": path}
     meta["config"] = config
     return meta
 
@@ -156,8 +113,6 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     shards, see :mod:`unifuse.run.sharded`) or an export directory (safetensors). ``weights``: ``ema``
     (the average of ``callbacks.ema``) or ``raw`` (the trained weights); None: the run's
     ``eval.weights``, raw for a checkpoint without an average."""
-    from unifuse.run.sharded import is_sharded, read_sharded
-
     path = Path(path).expanduser()
     if path.is_dir() and not is_sharded(path):
         return _read_export(path, map_location, weights)
@@ -167,8 +122,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                                                                           weights_only=True)
     if not isinstance(ck, dict) or not isinstance(ck.get("unifuse"), dict):
         raise ValueError(f"{path} is not a unifuse checkpoint (no 'unifuse' entry with its kind and config)")
+    paradigms.get(ck["unifuse"].get("kind"), str(path))
     meta = _upgrade(ck["unifuse"])
-    get_kind(meta.get("kind"), str(path))
     protocol = dict(ck.get("unifuse_eval") or {})
     # Lightning's weight averaging (callbacks.ema) saves the average as the state_dict and the trained
     # weights as current_model_state
@@ -181,15 +136,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def _read_export(path: Path, map_location, weights: str | None = None) -> Checkpoint:
-    from safetensors.torch import load_file
-
     cfg_file = path / EXPORT_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is a directory without {EXPORT_CONFIG}: not a unifuse export")
     c = json.loads(cfg_file.read_text())
     if c.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{cfg_file}: unknown export format {c.get('format')!r} (expected {EXPORT_FORMAT})")
-    get_kind(c.get("kind"), str(path))
+    paradigms.get(c.get("kind"), str(path))
     device = str(map_location)
     state = load_file(str(path / EXPORT_WEIGHTS), device=device)
     tok = path / EXPORT_TOKENIZER
@@ -203,19 +156,22 @@ def _read_export(path: Path, map_location, weights: str | None = None) -> Checkp
 
 def build_net(kind: str, config: dict, state_dict: dict | None = None) -> nn.Module:
     """A fresh net of a registered kind from its stored config (and weights, if given), in eval mode."""
-    net = get_kind(kind).net_class().from_config(config)
+    net = paradigms.get(kind).net_class().from_config(config)
     if state_dict is not None:
         net.load_state_dict(state_dict)
     return net.eval()
 
 
 def load_net(path: str | Path | Checkpoint, map_location: str | torch.device = "cpu",
-             expect: str | tuple[str, ...] | None = None) -> nn.Module:
-    """The net of a checkpoint, rebuilt without Lightning, on ``map_location``."""
+             expect: str | type | tuple[str | type, ...] | None = None) -> nn.Module:
+    """The net of a checkpoint, rebuilt without Lightning, on ``map_location``. ``expect``: the kinds
+    (names) or net classes the checkpoint must hold."""
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path, map_location)
-    allowed = (expect,) if isinstance(expect, str) else expect
-    if allowed and ck.kind not in allowed:
-        raise ValueError(f"{ck.path} is a {ck.kind} checkpoint, expected {' or '.join(allowed)}")
+    allowed = expect if isinstance(expect, tuple) else (expect,) if expect is not None else ()
+    net_class = paradigms.get(ck.kind).net_class()
+    if allowed and not any(a == ck.kind if isinstance(a, str) else issubclass(net_class, a) for a in allowed):
+        names = [a if isinstance(a, str) else paradigms.paradigm_of(a).name for a in allowed]
+        raise ValueError(f"{ck.path} is a {ck.kind} checkpoint, expected {' or '.join(names)}")
     return build_net(ck.kind, ck.config, ck.state_dict).to(map_location)
 
 
@@ -224,9 +180,7 @@ def load_tokenizer(ck: Checkpoint, override: str | Path | None = None,
     """The image tokenizer a generator decodes with: ``override`` (``tokenizer=``) if given, else the
     one the checkpoint carries, else the file it names if that file is here and unchanged."""
     info = ck.tokenizer or {}
-    kind = info.get("kind", "vqvae")
-    if kind == "identity" and not override:  # pixel space: nothing to load
-        return build_net(kind, info.get("config") or {}).to(map_location)
+    kind = info.get("kind") or paradigms.get(ck.kind).tokenizers[0]
     if override:
         tok = load_net(override, map_location, expect=kind)
         if info.get("sha256") and state_hash(tok.state_dict()) != info["sha256"]:
@@ -235,6 +189,8 @@ def load_tokenizer(ck: Checkpoint, override: str | Path | None = None,
         return tok
     if ck.tokenizer_state is not None:
         return build_net(kind, info["config"], ck.tokenizer_state).to(map_location)
+    if "config" in info and not build_net(kind, info["config"]).state_dict():  # no weights to find (pixel space)
+        return build_net(kind, info["config"]).to(map_location)
     path = info.get("path")
     if path and Path(path).is_file():
         tok_ck = read_checkpoint(path, map_location)
@@ -247,10 +203,11 @@ def load_tokenizer(ck: Checkpoint, override: str | Path | None = None,
         "pass tokenizer=<tokenizer checkpoint or export directory>")
 
 
-def tokenizer_entry(tokenizer: nn.Module, kind: str, path: str | None, embed: bool) -> tuple[dict, dict | None]:
+def tokenizer_entry(tokenizer: nn.Module, path: str | None, embed: bool) -> tuple[dict, dict | None]:
     """(description stored in a generator's metadata, weights to carry or None)."""
     state = {k: v.detach().cpu() for k, v in tokenizer.state_dict().items()}
-    info = {"kind": kind, "config": tokenizer.config(), "sha256": state_hash(state), "path": path}
+    info = {"kind": paradigms.paradigm_of(tokenizer).name, "config": tokenizer.config(), "sha256": state_hash(state),
+            "path": path}
     return info, (state if embed else None)
 
 
@@ -259,8 +216,7 @@ def load_pipeline(path: str | Path, tokenizer: str | Path | None = None, device:
     """Prompts -> images for a generator checkpoint: (pipeline, checkpoint). ``weights``: ema | raw
     (default: see :func:`read_checkpoint`)."""
     ck = read_checkpoint(path, device, weights)
-    kind = get_kind(ck.kind)
-    pipeline_cls = kind.pipeline_class()
+    pipeline_cls = paradigms.get(ck.kind).pipeline_class()
     net = load_net(ck, device)
     return pipeline_cls(net, load_tokenizer(ck, tokenizer, device), cond=ck.meta.get("cond", "text"),
                         sampling=ck.sampling), ck
@@ -269,8 +225,6 @@ def load_pipeline(path: str | Path, tokenizer: str | Path | None = None, device:
 def export(path: str | Path, out: str | Path) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.safetensors``) that load without
     Lightning: ``build_net(config["kind"], config["config"], safetensors.torch.load_file(...))``."""
-    from safetensors.torch import save_file
-
     ck = read_checkpoint(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
