@@ -252,6 +252,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
+def _takers(option: str) -> str:
+    """The samplers that declare ``option``, for error messages."""
+    return ", ".join(sorted(n for n, s in SAMPLERS.items() if option in s.options)) or "none"
+
+
 def sampler_spec(name: str, transport) -> SamplerSpec:
     """The registry entry of ``name``, refused (one line) when unknown or made for another transport."""
     if name not in SAMPLERS:
@@ -278,8 +283,7 @@ def make_sampler(name: str, transport, steps: int, **options) -> Sampler:
     spec = sampler_spec(name, transport)
     for key in options:
         if key not in spec.options:
-            takes = sorted(n for n, s in SAMPLERS.items() if key in s.options)
-            raise ValueError(f"sampler {name!r} takes no {key!r} (only {', '.join(takes) or 'none'})")
+            raise ValueError(f"sampler {name!r} takes no {key!r} (only {_takers(key)})")
     return spec.cls(transport, steps=steps, **options)
 
 
@@ -293,9 +297,8 @@ def sampler_options(name: str, settings: SamplingSettings) -> dict:
         if key in SAMPLERS[name].options:
             options[key] = getattr(settings, key)
         elif getattr(settings, key) != getattr(defaults, key):
-            takes = sorted(n for n, spec in SAMPLERS.items() if key in spec.options)
             raise ValueError(f"sampling.{key}={getattr(settings, key)} does nothing with sampler {name!r} "
-                             f"(only {', '.join(takes)} takes it)")
+                             f"(only {_takers(key)} takes it)")
     return options
 
 
