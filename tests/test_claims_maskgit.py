@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from tests.conftest import packed
+from unifuse.decoding.maskgit import generate
 from unifuse.models.maskgit import MaskGIT, cosine_schedule
 from unifuse.models.transformer import TransformerConfig
 from unifuse.text.vocab import VocabLayout
@@ -44,7 +45,7 @@ def test_cosine_schedule_values():
 @pytest.mark.parametrize("steps", [1, 3, 8, 30])
 def test_decoded_counts_follow_the_cosine_schedule(steps):
     m = maskgit(grid=4)
-    _, trace = m.generate(["dog", "a red heart"], steps=steps, seed=1, return_trace=True)
+    _, trace = generate(m, ["dog", "a red heart"], steps=steps, seed=1, return_trace=True)
     masked_after = reference_masked_after(16, steps)
     for k in range(steps):
         assert ((trace > k).sum(1) == masked_after[k]).all(), f"pass {k}"
@@ -55,16 +56,18 @@ def test_decoded_counts_follow_the_cosine_schedule(steps):
 def test_the_most_confident_masked_positions_are_decoded():
     """Without Gumbel noise, the positions decoded at a pass are those whose sampled token is
     likeliest under that pass's (guided) logits, among the positions still masked."""
-    import unifuse.models.maskgit as mg
+    import unifuse.decoding.maskgit as mg
+    from unifuse.sampling.guidance import Guidance
 
     m = maskgit(grid=4)
     logits, sampled = [], []
-    real_guide, real_sample = m.guide, mg.sample_logits
-    m.guide = lambda lg, scale: logits.append(real_guide(lg, scale)) or logits[-1]
+    real_combine, real_sample = Guidance.combine, mg.sample_logits
+    combine = lambda self, out, progress: logits.append(real_combine(self, out, progress)) or logits[-1]  # noqa: E731
     mg_sample = lambda *a, **kw: sampled.append(real_sample(*a, **kw)) or sampled[-1]  # noqa: E731
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mg, "sample_logits", mg_sample)
-        _, trace = m.generate(["dog", "cat", ""], steps=5, cfg_scale=2.0, noise=0.0, seed=4, top_k=8,
+        mp.setattr(Guidance, "combine", combine)
+        _, trace = generate(m, ["dog", "cat", ""], steps=5, cfg_scale=2.0, noise=0.0, seed=4, top_k=8,
                               temperature=1.3, return_trace=True)
     assert len(logits) == len(sampled) == 5
     for k in range(5):
@@ -74,7 +77,7 @@ def test_the_most_confident_masked_positions_are_decoded():
             if later[r].any():
                 assert p[r][new[r]].min() >= p[r][later[r]].max(), f"pass {k} row {r}"
     # with noise the choice is randomised: another order, the same counts
-    _, noisy = m.generate(["dog", "cat", ""], steps=5, cfg_scale=2.0, noise=50.0, seed=4, top_k=8,
+    _, noisy = generate(m, ["dog", "cat", ""], steps=5, cfg_scale=2.0, noise=50.0, seed=4, top_k=8,
                           temperature=1.3, return_trace=True)
     assert not torch.equal(noisy, trace)
     for k in range(5):
@@ -86,13 +89,13 @@ def test_maskgit_same_image_alone_or_in_a_batch(use_cache):
     m = maskgit(grid=4)
     conds = ["x", "red heart with a long tail", "", "cat"]  # prompts of different lengths: left padding
     kw = dict(steps=6, cfg_scale=2.0, top_p=0.9, use_cache=use_cache, return_trace=True)
-    batch, btrace = m.generate(conds, seed=3, **kw)
+    batch, btrace = generate(m, conds, seed=3, **kw)
     for i, c in enumerate(conds):
-        one, trace = m.generate([c], seed=3 + i, **kw)
+        one, trace = generate(m, [c], seed=3 + i, **kw)
         assert torch.equal(one[0], batch[i]) and torch.equal(trace[0], btrace[i]), (i, c)
     assert len({tuple(b.flatten().tolist()) for b in batch}) > 1  # rows are not all the same image
     # a list of seeds gives each row its own seed
-    again = m.generate(conds, seed=[3, 4, 5, 6], **kw)[0]
+    again = generate(m, conds, seed=[3, 4, 5, 6], **kw)[0]
     assert torch.equal(again, batch)
 
 

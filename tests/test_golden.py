@@ -41,6 +41,7 @@ from tests.conftest import compose_cfg, generator_overrides, kl_overrides, ldm_o
 from tests.test_transfusion import transfusion_overrides  # noqa: E402
 from unifuse.data.builders import build_emoji  # noqa: E402
 from unifuse.data.encode import encode_shards  # noqa: E402
+from unifuse.decoding.transfusion import generate  # noqa: E402
 from unifuse.train import train  # noqa: E402
 
 try:  # the checkpoint loader lives with the run machinery; before that it sat at the package root
@@ -168,7 +169,7 @@ def produce_token_samples(runs: Runs, kind: str) -> dict:
         for cache in (True, False):
             s = pipe.arguments(pipe.settings(cfg_scale=cfg, seed=SEED, steps=4))
             with one_thread():
-                codes, more = pipe.net.generate(conds, use_cache=cache, **s, **{flag: True})
+                codes, more = pipe.decode(pipe.net, conds, use_cache=cache, **s, **{flag: True})
             out[f"cfg{cfg}_cache{cache}"], out[f"cfg{cfg}_cache{cache}.{extra}"] = codes, more
     return {"tensors": out, "values": None}
 
@@ -199,7 +200,7 @@ def produce_transfusion_samples(runs: Runs) -> dict:
             for cache in (True, False):
                 s = pipe.arguments(pipe.settings(sampler=sampler, steps=3, cfg_scale=cfg, seed=SEED))
                 with one_thread():
-                    out[f"{sampler}_cfg{cfg}_cache{cache}"] = pipe.net.generate(conds, use_cache=cache, **s)
+                    out[f"{sampler}_cfg{cfg}_cache{cache}"] = generate(pipe.net, conds, use_cache=cache, **s)
     return {"tensors": out, "values": None}
 
 

@@ -203,6 +203,7 @@ def test_compiled_blocks_train_like_eager_and_sampling_stays_eager():
     from torch._dynamo.utils import counters
 
     from tests.test_transfusion import random_batch, tiny_model
+    from unifuse.decoding.transfusion import generate
     from unifuse.run.parallel import compile_blocks
 
     torch._dynamo.reset()
@@ -219,7 +220,7 @@ def test_compiled_blocks_train_like_eager_and_sampling_stays_eager():
     assert 0 < graphs <= 2  # one Block graph shared by every layer (and the first layer's mask build)
     m.eval()
     with torch.inference_mode():
-        m.generate(["ab", "abab"], steps=2)  # a KV cache growing by a position per step: eager, no compiles
+        generate(m, ["ab", "abab"], steps=2)  # a KV cache growing by a position per step: eager, no compiles
     assert counters["stats"]["unique_graphs"] == graphs
     twin = copy.deepcopy(m)  # e.g. the EMA copy: its blocks run their own weights
     assert twin.net.layers[0].forward.__self__ is twin.net.layers[0]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import packed
+from unifuse.decoding.ar import generate as ar_generate
+from unifuse.decoding.maskgit import generate as maskgit_generate
 from unifuse.models.attention import MaskSpec, attend, dense_mask
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
@@ -179,8 +181,8 @@ def gpt(cls=ImageGPT, grid=4, codes=32):
 def test_kv_cached_generation_matches_naive_recomputation():
     m = gpt()
     conds = ["dog face", "a much longer caption here", ""]
-    a, la = m.generate(conds, cfg_scale=3.0, seed=7, top_p=0.9, return_logits=True)
-    b, lb = m.generate(conds, cfg_scale=3.0, seed=7, top_p=0.9, use_cache=False, return_logits=True)
+    a, la = ar_generate(m, conds, cfg_scale=3.0, seed=7, top_p=0.9, return_logits=True)
+    b, lb = ar_generate(m, conds, cfg_scale=3.0, seed=7, top_p=0.9, use_cache=False, return_logits=True)
     torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
     assert torch.equal(a, b)
 
@@ -188,9 +190,9 @@ def test_kv_cached_generation_matches_naive_recomputation():
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
     m = gpt()
     conds = ["x", "red heart with a long tail", "cat"]
-    batch, lb = m.generate(conds, cfg_scale=2.0, seed=3, return_logits=True)
+    batch, lb = ar_generate(m, conds, cfg_scale=2.0, seed=3, return_logits=True)
     for i, c in enumerate(conds):
-        one, lo = m.generate([c], cfg_scale=2.0, seed=3 + i, return_logits=True)
+        one, lo = ar_generate(m, [c], cfg_scale=2.0, seed=3 + i, return_logits=True)
         torch.testing.assert_close(lo[0], lb[i], atol=1e-4, rtol=1e-4)
         assert torch.equal(one[0], batch[i])
 
@@ -198,10 +200,10 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
 def test_cfg_scale_one_equals_conditional_sampling():
     m = gpt()
     conds = ["dog face", "pizza"]
-    plain = m.generate(conds, cfg_scale=None, seed=11)
-    guided = m.generate(conds, cfg_scale=1.0, seed=11)
+    plain = ar_generate(m, conds, cfg_scale=None, seed=11)
+    guided = ar_generate(m, conds, cfg_scale=1.0, seed=11)
     assert torch.equal(plain, guided)
-    assert not torch.equal(plain, m.generate(conds, cfg_scale=5.0, seed=11))
+    assert not torch.equal(plain, ar_generate(m, conds, cfg_scale=5.0, seed=11))
 
 
 def test_linear_guidance_schedule_ramps_from_conditional_to_the_scale():
@@ -211,13 +213,13 @@ def test_linear_guidance_schedule_ramps_from_conditional_to_the_scale():
         guidance_scale(4.0, "cosine", 0.5)
     m = gpt()  # 16 tokens: token i is guided at 1 + 3 * (i + 1) / 16
     conds = ["dog face", "pizza"]
-    tokens, ramp = m.generate(conds, cfg_scale=4.0, cfg_schedule="linear", seed=5, return_logits=True)
-    _, first = m.generate(conds, cfg_scale=1.0 + 3.0 / 16, seed=5, return_logits=True)
+    tokens, ramp = ar_generate(m, conds, cfg_scale=4.0, cfg_schedule="linear", seed=5, return_logits=True)
+    _, first = ar_generate(m, conds, cfg_scale=1.0 + 3.0 / 16, seed=5, return_logits=True)
     torch.testing.assert_close(ramp[:, 0], first[:, 0])
-    assert not torch.equal(tokens, m.generate(conds, cfg_scale=4.0, seed=5))
+    assert not torch.equal(tokens, ar_generate(m, conds, cfg_scale=4.0, seed=5))
     mg = gpt(MaskGIT)  # MaskGIT ramps over its K steps; scale 1 throughout is conditional sampling
-    assert torch.equal(mg.generate(conds, steps=4, cfg_scale=1.0, cfg_schedule="linear", seed=2),
-                       mg.generate(conds, steps=4, cfg_scale=None, seed=2))
+    assert torch.equal(maskgit_generate(mg, conds, steps=4, cfg_scale=1.0, cfg_schedule="linear", seed=2),
+                       maskgit_generate(mg, conds, steps=4, cfg_scale=None, seed=2))
 
 
 def test_tokens_outside_the_image_range_are_never_sampled_inside_an_image():
@@ -228,14 +230,14 @@ def test_tokens_outside_the_image_range_are_never_sampled_inside_an_image():
         m.net.lm_head.weight[:lo] += m.net.norm.weight.sign() * 0.5
     full = m.net(m.prompts(["dog"], "cpu").tokens)[0, -1]
     assert full.argmax() < lo  # unrestricted, a text id would win
-    codes = m.generate(["dog", "cat"], seed=0, temperature=1.5)
+    codes = ar_generate(m, ["dog", "cat"], seed=0, temperature=1.5)
     assert codes.min() >= 0 and codes.max() < m.vocab.image_codes
 
 
 def test_maskgit_k_forward_passes_each_position_decoded_once(monkeypatch):
     """K passes; each position is decoded at exactly one step, to the token sampled at that step, and
     never changes afterwards: the image fed to pass k+1 keeps every code pass k was given."""
-    import unifuse.models.maskgit as mg
+    import unifuse.decoding.maskgit as mg
 
     m = gpt(MaskGIT, grid=4)
     lengths, fed, sampled = [], [], []
@@ -248,8 +250,8 @@ def test_maskgit_k_forward_passes_each_position_decoded_once(monkeypatch):
     for k in (4, 8, 12):
         for use_cache in (False, True):
             lengths.clear(), fed.clear(), sampled.clear()
-            codes, trace = m.generate(["dog", "cat", ""], steps=k, cfg_scale=2.0, seed=0, return_trace=True,
-                                      use_cache=use_cache)
+            codes, trace = maskgit_generate(m, ["dog", "cat", ""], steps=k, cfg_scale=2.0, seed=0,
+                                            return_trace=True, use_cache=use_cache)
             # cond + uncond share one batched pass per step; cached: the caption once, then the image K times
             assert lengths == ([5] + [16] * k if use_cache else [5 + 16] * k)
             assert codes.shape == (3, 4, 4) and (trace >= 0).all() and (trace < k).all()
@@ -269,8 +271,8 @@ def test_maskgit_k_forward_passes_each_position_decoded_once(monkeypatch):
 def test_maskgit_cached_caption_matches_full_recomputation():
     m = gpt(MaskGIT, grid=4)
     conds = ["dog face", "a much longer caption here", ""]
-    a, ta = m.generate(conds, steps=6, cfg_scale=3.0, seed=3, top_p=0.9, return_trace=True)
-    b, tb = m.generate(conds, steps=6, cfg_scale=3.0, seed=3, top_p=0.9, return_trace=True, use_cache=False)
+    a, ta = maskgit_generate(m, conds, steps=6, cfg_scale=3.0, seed=3, top_p=0.9, return_trace=True)
+    b, tb = maskgit_generate(m, conds, steps=6, cfg_scale=3.0, seed=3, top_p=0.9, return_trace=True, use_cache=False)
     assert torch.equal(a, b) and torch.equal(ta, tb)
     # the caption is causal and never sees the image: its hidden states do not depend on the codes
     x1, x2 = torch.randint(0, 32, (2, 3, 16))

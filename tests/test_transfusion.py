@@ -12,6 +12,8 @@ from tests.conftest import compose_cfg, tiny_data_overrides
 from tests.test_distributed import run, run_dirs
 from unifuse.data.collate import IMAGE, TEXT, PackingCollator
 from unifuse.data.samples import Sample
+from unifuse.decoding import transfusion as decoding
+from unifuse.decoding.document import document
 from unifuse.models.attention import MaskSpec, attend, dense_mask
 from unifuse.models.transformer import TransformerConfig
 from unifuse.models.transfusion import Transfusion, TransfusionConfig
@@ -91,11 +93,11 @@ def test_kv_cached_sampling_equals_full_recomputation(transport, sampler, encode
                    patch_size=2 if encoder == "unet" else 1, time_conditioning=timing or "input")
     prompts = ["abc", "a much longer caption", ""]
     for cfg in (None, 3.0):
-        a = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=True)
-        b = m.generate(prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=False)
+        a = decoding.generate(m, prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=True)
+        b = decoding.generate(m, prompts, sampler=sampler, steps=4, cfg_scale=cfg, seed=7, use_cache=False)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # a prompt gives the same image alone as in a batch (per-row seeds, padding masked)
-    alone = m.generate(prompts[1:2], sampler=sampler, steps=4, cfg_scale=3.0, seed=8)
+    alone = decoding.generate(m, prompts[1:2], sampler=sampler, steps=4, cfg_scale=3.0, seed=8)
     torch.testing.assert_close(alone[0], a[1], atol=1e-4, rtol=1e-4)
 
 
@@ -103,15 +105,15 @@ def test_an_image_inside_a_document_matches_text_to_image_and_captions_decode_wi
     """The document decoder's cache (built token by token, with a spliced unconditional row) gives
     the same image as the batched text-to-image sampler; greedy captions agree with the likelihood."""
     m = tiny_model()
-    segs = m.document(["abc", None, "de", None], sampler="ddim", steps=3, cfg_scale=2.0, seed=4)
+    segs = document(m, ["abc", None, "de", None], sampler="ddim", steps=3, cfg_scale=2.0, seed=4)
     assert [list(s) for s in segs] == [["text"], ["image"], ["text"], ["image"]]
-    ref = m.generate(["abc"], sampler="ddim", steps=3, cfg_scale=2.0, seed=5)  # image k: seed + 1 + k
+    ref = decoding.generate(m, ["abc"], sampler="ddim", steps=3, cfg_scale=2.0, seed=5)  # image k: seed + 1 + k
     torch.testing.assert_close(segs[1]["image"], ref[0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(segs[1]["image"], segs[3]["image"])
     # captions decoded with the cache are the greedy choices of a full forward over the same tokens
     z = torch.randn(2, 4, 4, 4)
-    ids = m.caption_ids(z, max_new_tokens=6, temperature=0.0)
-    prefix, t0 = m._image_prefix(z)
+    ids = decoding.caption_ids(m, z, max_new_tokens=6, temperature=0.0)
+    prefix, t0 = decoding.image_prefix(m, len(z), z.device).batch(), m.diffusion.clean_time(len(z), z.device)
     k = prefix["tokens"].shape[1]
     for r, row in enumerate(ids):
         batch = {key: v[r:r + 1] for key, v in prefix.items()}
@@ -122,7 +124,7 @@ def test_an_image_inside_a_document_matches_text_to_image_and_captions_decode_wi
         batch["image_id"] = torch.cat([batch["image_id"], torch.full_like(full, -1)], 1)
         batch["image_pos"] = batch["image_pos"][:1] * 0 + torch.tensor([[0, 2, m.n_patches]])
         logits = m(batch, z[r:r + 1], t0[r:r + 1])[0][0, k - 1:]
-        greedy = m._text_logits(logits, False).argmax(-1).tolist()
+        greedy = decoding.text_logits(m, logits, False).argmax(-1).tolist()
         assert greedy[: len(row)] == row
         assert len(row) == 6 or greedy[len(row)] == m.vocab.eos
 
@@ -133,8 +135,8 @@ def test_caption_likelihoods_do_not_depend_on_the_rows_scored_beside_them():
     m = tiny_model()
     z = torch.randn(4, 4, 4, 4)
     caps = ["a", "abcabcabc", "", "ab ab"]
-    together = m.caption_logprob(z, caps)
-    alone = torch.cat([m.caption_logprob(z[i:i + 1], [c]) for i, c in enumerate(caps)])
+    together = decoding.caption_logprob(m, z, caps)
+    alone = torch.cat([decoding.caption_logprob(m, z[i:i + 1], [c]) for i, c in enumerate(caps)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
     assert together.unique().numel() == 4
 
@@ -226,14 +228,14 @@ def test_document_text_is_never_cut_and_a_document_beyond_the_context_is_refused
     """Training feeds interleaved text whole, so ``document`` must too (captions are cut at
     max_text_len, document text is not); a document that cannot fit ``max_seq_len`` fails naming it."""
     m = tiny_model(max_text_len=4)
-    a = m.document(["abcdefgh", None], steps=2, seed=3)
-    b = m.document(["abcdXXXX", None], steps=2, seed=3)
+    a = document(m, ["abcdefgh", None], steps=2, seed=3)
+    b = document(m, ["abcdXXXX", None], steps=2, seed=3)
     assert a[0] == {"text": "abcdefgh"}
     assert not torch.allclose(a[1]["image"], b[1]["image"])  # the image sees the text past 4 tokens
     short = Transfusion(TransformerConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=40), m.icfg)
     with pytest.raises(ValueError, match=r"needs up to 50 positions .*model\.net\.transformer\.max_seq_len = 40"):
-        short.document(["x" * 30, None], max_images=1, steps=2)
-    assert len(short.document(["x" * 20, None], max_images=1, steps=2)) == 2  # 2 + 20 + 18 = 40 fits
+        document(short, ["x" * 30, None], max_images=1, steps=2)
+    assert len(document(short, ["x" * 20, None], max_images=1, steps=2)) == 2  # 2 + 20 + 18 = 40 fits
 
 
 def test_text_only_documents_train_the_language_model():
@@ -455,10 +457,11 @@ def test_two_validation_passes_of_the_same_weights_log_the_same_numbers(tiny_emo
     assert first == second
 
 
-def test_validation_caption_metrics_score_what_the_caption_methods_return(tiny_emoji, tiny_kl, tmp_path):
-    """With the net's caption methods replaced by known ones:
+def test_validation_caption_metrics_score_what_the_caption_methods_return(tiny_emoji, tiny_kl, tmp_path,
+                                                                         monkeypatch):
+    """With the caption decoders replaced by known ones:
 
-    * val/caption_exact and val/caption_f1 score what ``net.caption`` decodes for the first
+    * val/caption_exact and val/caption_f1 score what ``caption`` decodes for the first
       ``caption_images`` validation images: every other caption right, the others empty, is 0.5;
     * val/caption_top1_pmi ranks by log p(c | image) - log p(c | no image): with a caption prior
       that favours short captions far more than the image favours the true one, the plain
@@ -466,22 +469,23 @@ def test_validation_caption_metrics_score_what_the_caption_methods_return(tiny_e
     calls = []
 
     def setup(model):
-        real, pool = model.net.caption, lambda: model._pool
+        real, pool = decoding.caption, lambda: model._pool
 
-        def caption(z, **kw):
+        def caption(net, z, **kw):
             calls.append(len(z))
-            assert len(real(z, **kw)) == len(z)  # the real decoder runs on the same latents
+            assert len(real(net, z, **kw)) == len(z)  # the real decoder runs on the same latents
             truth = [model.net.text_tokenizer.decode(model.net.text_ids(c)) for _, c in pool()]
             return [t.upper() if i % 2 == 0 else "" for i, t in enumerate(truth[: len(z)])]  # case is not scored
 
-        def caption_logprob(z, caps):
+        def caption_logprob(net, z, caps):
             prior = torch.tensor([-10.0 * len(c) for c in caps])
             if z is None:
                 return prior
             truth = [next(c for zp, c in pool() if torch.equal(zp, zi)) for zi in z]
             return prior + 5.0 * torch.tensor([float(c == t) for c, t in zip(caps, truth, strict=True)])
 
-        model.net.caption, model.net.caption_logprob = caption, caption_logprob
+        monkeypatch.setattr(decoding, "caption", caption)
+        monkeypatch.setattr(decoding, "caption_logprob", caption_logprob)
 
     metrics, _ = validate_twice(transfusion_overrides(tiny_emoji, tiny_kl) + ["model.caption_images=6"], tmp_path,
                                 setup)
@@ -508,7 +512,7 @@ def test_caption_scores_are_the_text_likelihoods_of_the_documents_the_collator_p
     m = tiny_model()
     z = torch.randn(3, 4, 4, 4).half().float()  # latent shards hold float16
     caps = ["abc", "a longer caption", "ab ab"]
-    scores = {False: m.caption_logprob(None, caps), True: m.caption_logprob(z, caps)}
+    scores = {False: decoding.caption_logprob(m, None, caps), True: decoding.caption_logprob(m, z, caps)}
     for first, end in ((False, m.vocab.boi), (True, m.vocab.eos)):
         for i, cap in enumerate(caps):
             pc = PackingCollator(batch_size=1, seq_len=96, vocab=m.vocab, image_tokens=m.n_patches,

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from unifuse.decoding import ar
+from unifuse.decoding import maskgit as maskgit_decoding
 from unifuse.models.image_gpt import ImageGPT
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.transformer import Transformer, TransformerConfig
@@ -39,19 +41,19 @@ def sampling(grid: int) -> None:
     prompts = ["twemoji dog face", "red heart", "openmoji pizza", "a very long caption about a cat", "sun",
                "grinning face with big eyes", "rocket", ""]
     gpt = ImageGPT(cfg, vocab, grid=grid).eval()
-    gpt.generate(prompts[:2], cfg_scale=3.0, seed=0)  # warm-up
-    cached, t_cache = timed(lambda: gpt.generate(prompts, cfg_scale=3.0, seed=0))
-    naive, t_naive = timed(lambda: gpt.generate(prompts, cfg_scale=3.0, seed=0, use_cache=False))
+    ar.generate(gpt, prompts[:2], cfg_scale=3.0, seed=0)  # warm-up
+    cached, t_cache = timed(lambda: ar.generate(gpt, prompts, cfg_scale=3.0, seed=0))
+    naive, t_naive = timed(lambda: ar.generate(gpt, prompts, cfg_scale=3.0, seed=0, use_cache=False))
     n = grid * grid
     print(f"[1] AR sampling {n} tokens x {len(prompts)} prompts with CFG (width 256, 4 layers): "
           f"KV cache {t_cache:.2f}s ({len(prompts) * n / t_cache:.0f} tok/s) | naive {t_naive:.2f}s | "
           f"speedup {t_naive / t_cache:.1f}x (target >= 20x) | identical tokens: {torch.equal(cached, naive)}")
     mg = MaskGIT(cfg, vocab, grid=grid).eval()
     for batch in (prompts, prompts[:1]):  # throughput-bound batch of 8, then latency-bound batch of 1
-        mg.generate(batch[:2], steps=8, cfg_scale=3.0, seed=0)
-        _, t_mg = timed(lambda b=batch: mg.generate(b, steps=8, cfg_scale=3.0, seed=0))
+        maskgit_decoding.generate(mg, batch[:2], steps=8, cfg_scale=3.0, seed=0)
+        _, t_mg = timed(lambda b=batch: maskgit_decoding.generate(mg, b, steps=8, cfg_scale=3.0, seed=0))
         t_ar = t_cache if len(batch) == len(prompts) else \
-            timed(lambda b=batch: gpt.generate(b, cfg_scale=3.0, seed=0))[1]
+            timed(lambda b=batch: ar.generate(gpt, b, cfg_scale=3.0, seed=0))[1]
         print(f"[3] MaskGIT K=8 vs AR with KV cache, {len(batch)} prompt(s) with CFG, {grid}x{grid} images: "
               f"{t_mg:.2f}s vs {t_ar:.2f}s (MaskGIT {t_ar / t_mg:.1f}x faster)")
 

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unifuse.data.collate import PackingCollator
 from unifuse.data.samples import Sample
+from unifuse.decoding.transfusion import generate
 from unifuse.diffusion import DiffusionConfig
 from unifuse.models import attention
 from unifuse.models.attention import MaskSpec, attend
@@ -143,7 +144,7 @@ def sampling(reps: int, steps: int = 16) -> None:
     default_ode = lucid.odeint_fn
 
     def ours_fn(n=steps):
-        return model.generate([PROMPT], sampler="euler", steps=n, cfg_scale=3.0, seed=0)
+        return generate(model, [PROMPT], sampler="euler", steps=n, cfg_scale=3.0, seed=0)
 
     def peer_fn(n=steps, ode=default_ode):
         lucid.odeint_fn = ode

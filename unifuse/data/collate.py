@@ -26,9 +26,7 @@ import torch
 
 from unifuse.data.samples import Sample, image_batch
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer
-from unifuse.text.vocab import VocabLayout
-
-TEXT, IMAGE = 0, 1
+from unifuse.text.vocab import IMAGE, TEXT, VocabLayout
 
 
 class ImageCollator:

@@ -29,9 +29,11 @@ from collections import Counter
 
 import torch
 
+from unifuse.decoding import transfusion as decoding
 from unifuse.lit.latent import LatentGeneratorModule
-from unifuse.models.transfusion import IMAGE, Transfusion
+from unifuse.models.transfusion import Transfusion
 from unifuse.run.flops import forward_flops
+from unifuse.text.vocab import IMAGE
 
 
 def caption_words(text: str) -> list[str]:
@@ -165,14 +167,14 @@ class TransfusionModule(LatentGeneratorModule):
         if n:
             rng = random.Random(0)
             ranked = [(z, [cap] + rng.sample([c for c in captions if c != cap], k - 1)) for z, cap in pool]
-            prior = dict(zip(captions, torch.cat([self.net.caption_logprob(None, captions[i : i + rows])
+            prior = dict(zip(captions, torch.cat([decoding.caption_logprob(self.net, None, captions[i : i + rows])
                                                   for i in range(0, len(captions), rows)]).tolist(), strict=True))
             group = max(1, rows // k)  # images scored together, k rows each
             for i in range(0, n, group):
                 chunk = ranked[i : i + group]
                 cands = [c for _, cs in chunk for c in cs]
                 latents = torch.cat([z[None].expand(k, *z.shape) for z, _ in chunk])
-                scores = self.net.caption_logprob(latents, cands).view(len(chunk), k).cpu()
+                scores = decoding.caption_logprob(self.net, latents, cands).view(len(chunk), k).cpu()
                 pmi = scores - torch.tensor([prior[c] for c in cands]).view(len(chunk), k)
                 for j, s in enumerate((scores, pmi)):
                     hits[j] += int((s.argmax(1) == 0).sum())
@@ -183,7 +185,8 @@ class TransfusionModule(LatentGeneratorModule):
         images against their captions, cut to ``max_text_len`` tokens as training cuts them."""
         net, preds, rows = self.net, [], self.RETRIEVAL_ROWS
         for i in range(0, len(pool), rows):
-            preds += net.caption(torch.stack([z for z, _ in pool[i : i + rows]]), max_new_tokens=net.icfg.max_text_len)
+            images = torch.stack([z for z, _ in pool[i : i + rows]])
+            preds += decoding.caption(net, images, max_new_tokens=net.icfg.max_text_len)
         refs = [net.text_tokenizer.decode(net.text_ids(c)) for _, c in pool]
         scores = [caption_match(p, r) for p, r in zip(preds, refs, strict=True)]
         return {"caption_exact": torch.tensor([sum(e for e, _ in scores), len(pool)]),

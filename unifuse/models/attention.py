@@ -36,6 +36,7 @@ growing cache), the kernel is compiled with automatic dynamic shapes: see :func:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -111,7 +112,7 @@ def compile_flex(backend="inductor"):
     with that size symbolic, and sizes and integers of 0 or 1 stay specialised (a query offset of
     0, a single query block). After those few recompiles one kernel serves every later length;
     static shapes recompiled at each new length."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # deferred: 0.8 s to import, only flex runs need it
 
     return torch.compile(flex_attention, dynamic=None, backend=backend)
 
@@ -122,7 +123,7 @@ _COMPILED_FLEX = None
 def _flex_kernel(cuda: bool):
     """Compiled flex_attention on GPUs (fused kernel); the eager reference on CPU (inference only)."""
     global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # deferred: 0.8 s to import, only flex runs need it
 
     if not cuda:
         return flex_attention
@@ -132,9 +133,7 @@ def _flex_kernel(cuda: bool):
 
 
 def _flex(q, k, v, spec: MaskSpec, q_offset: int):
-    import warnings
-
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # deferred: 0.8 s to import, only flex needs it
 
     b, _, lq, _ = q.shape
     lk = k.shape[2]

@@ -36,6 +36,7 @@ from torch import nn
 
 from unifuse.diffusion import DiffusionConfig
 from unifuse.models.attention import MaskSpec
+from unifuse.models.rows import right_padded
 from unifuse.models.transformer import (
     Attention,
     SwiGLU,
@@ -196,15 +197,9 @@ class DiT(nn.Module):
             return {"class_id": torch.tensor(ids, device=device)}
         if self.text is None:
             return {}
-        rows = [[self.vocab.bos, *(self.text_tokenizer.encode(c)[: self.cfg.max_text_len] if c else [])]
-                for c in conds]
-        n = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), n), self.vocab.pad, dtype=torch.long)
-        doc = torch.full((len(rows), n), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-            doc[i, : len(r)] = 0
-        return {"text_tokens": tokens.to(device), "text_doc": doc.to(device)}
+        rows = right_padded([[self.vocab.bos, *(self.text_tokenizer.encode(c)[: self.cfg.max_text_len] if c else [])]
+                             for c in conds], self.vocab.pad, device)
+        return {"text_tokens": rows.tokens, "text_doc": rows.doc_id}
 
     def text_states(self, cond: dict) -> dict:
         """``cond`` with the caption encoder already run (``text_states``, ``text_pooled``): what a

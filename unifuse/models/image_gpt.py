@@ -16,24 +16,21 @@ the start of a training document.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
+from unifuse.models.rows import Rows, left_padded
 from unifuse.models.transformer import Transformer, TransformerConfig
-from unifuse.sampling.guidance import guidance_scale
-from unifuse.sampling.rows import Prompts, left_padded
-from unifuse.sampling.tokens import row_generators, sample_logits
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from unifuse.text.vocab import VocabLayout
 
 
 class TokenImageModel(nn.Module):
-    """What the AR GPT and MaskGIT share: vocabulary, conditioning, prompt building."""
+    """What the AR GPT and MaskGIT share: vocabulary, conditioning, prompt building. Their decoding
+    programs are :mod:`unifuse.decoding.ar` and :mod:`unifuse.decoding.maskgit`."""
 
     def __init__(self, transformer: TransformerConfig, vocab: VocabLayout, grid: int, max_text_len: int = 48,
                  text_tokenizer: TextTokenizer | None = None):
@@ -62,12 +59,6 @@ class TokenImageModel(nn.Module):
                    grid=config["grid"], max_text_len=config["max_text_len"],
                    text_tokenizer=load_tokenizer(config.get("text_tokenizer")))
 
-    def sampling_kwargs(self, settings: dict) -> dict:
-        """The entries of ``settings`` that this model's ``generate`` takes (the AR GPT has no
-        ``steps``); one settings schema serves every generator."""
-        params = inspect.signature(self.generate).parameters
-        return {k: v for k, v in settings.items() if k in params}
-
     def condition_ids(self, cond: str | int | None) -> list[int]:
         """Token ids of one condition: a caption (str), a class (int) or None (unconditional)."""
         if cond is None or cond == "":
@@ -76,21 +67,14 @@ class TokenImageModel(nn.Module):
             return self.text_tokenizer.encode(cond)[: self.max_text_len]
         return [self.vocab.class_token(int(cond))]
 
-    def prompts(self, conds: list, device, pad_to: int | None = None) -> Prompts:
+    def prompts(self, conds: list, device, pad_to: int | None = None) -> Rows:
+        """The rows ``[BOS] condition [BOI]`` of ``conds``, left-padded: what decoding starts from."""
         v = self.vocab
         return left_padded([[v.bos, *self.condition_ids(c), v.boi] for c in conds], v.pad, device, pad_to)
 
     def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.vocab.image_range()
         return logits[..., lo:hi]
-
-    @staticmethod
-    def guide(logits: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """Rows [cond; uncond] -> uncond + scale * (cond - uncond); passthrough without guidance."""
-        if scale is None:
-            return logits
-        c, u = logits.chunk(2)
-        return u + scale * (c - u)
 
 
 class ImageGPT(TokenImageModel):
@@ -113,48 +97,3 @@ class ImageGPT(TokenImageModel):
                 "image_loss": (ce * img_mask).sum() / img_mask.sum().clamp_min(1),
                 "text_loss": (ce * text_mask).sum() / text_mask.sum().clamp_min(1),
                 "tokens": torch.tensor(x.numel())}
-
-    @torch.inference_mode()  # no autograd bookkeeping: per-token overhead is what a cached step spends
-    def generate(self, conds: list, cfg_scale: float | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
-                 use_cache: bool = True, progress: bool = False, return_logits: bool = False,
-                 cfg_schedule: str = "constant"):
-        """Sample h*w codes per condition -> (B, h, w) code indices (and per-step logits).
-
-        ``cfg_scale`` None: plain conditional sampling; a number: cond and uncond rows run as one
-        batch and logits = uncond + s * (cond - uncond), with s constant or ramped over the tokens
-        (``cfg_schedule``, see :func:`guidance_scale`). Logits are restricted to the image codes."""
-        dev = self.net.tok_emb.weight.device
-        b = len(conds)
-        rows = list(conds) + ([None] * b if cfg_scale is not None else [])
-        pr = self.prompts(rows, dev)
-        gen = row_generators(seed, b, dev)
-        n = self.n_image_tokens
-        out = torch.zeros(b, n, dtype=torch.long, device=dev)
-        kept = []
-        doc = pr.doc_id if pr.padded else None
-        if use_cache:
-            cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n)
-            h = self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions, doc_id=doc, cache=cache)
-        seq, pos, docs = pr.tokens, pr.positions, pr.doc_id
-        for i in tqdm(range(n), desc="sampling", unit="tok", disable=not progress):
-            if not use_cache:  # the naive loop: rerun the whole prefix for every token
-                h = self.net.forward_hidden(self.net.tok_emb(seq), pos, doc_id=docs if doc is not None else None)
-            scale = guidance_scale(cfg_scale, cfg_schedule, (i + 1) / n)
-            logits = self.guide(self.image_logits(self.net.lm_head(h[:, -1])).float(), scale)
-            if return_logits:
-                kept.append(logits)
-            tok = sample_logits(logits, temperature, top_k, top_p, gen)
-            out[:, i] = tok
-            if i == n - 1:
-                break
-            nxt = self.vocab.code_to_id(tok.repeat(len(rows) // b))[:, None]
-            npos = pr.lengths[:, None] + i
-            if use_cache:
-                h = self.net.forward_hidden(self.net.tok_emb(nxt), npos,
-                                            doc_id=None if doc is None else torch.zeros_like(nxt), cache=cache)
-            else:
-                seq, pos = torch.cat([seq, nxt], 1), torch.cat([pos, npos], 1)
-                docs = torch.cat([docs, torch.zeros_like(nxt)], 1)
-        codes = out.view(b, self.grid, self.grid)
-        return (codes, torch.stack(kept, 1)) if return_logits else codes

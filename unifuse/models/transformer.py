@@ -10,6 +10,8 @@ one or more positions per step. Plain ``nn.Module``; parallelism is applied outs
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from unifuse.models.attention import MaskSpec, attend
+from unifuse.models.rows import Rows
 
 
 @dataclass
@@ -103,30 +106,56 @@ class KVCache:
     """Preallocated keys/values per layer, plus the ids the mask needs for cached positions.
 
     All rows share one write index: prompts of different lengths are left-padded, with
-    ``doc_id = -1`` on the padding so it is never attended to."""
+    ``doc_id = -1`` on the padding so it is never attended to. A forward writes its positions with
+    :meth:`reserve` (ids), :meth:`update` (each layer's keys and values) and :meth:`advance`; decoding
+    programs move the write index back (:meth:`truncate`, :meth:`scratch`), keep some rows
+    (:meth:`select`) or join two caches row-wise (:meth:`stacked`), and read ``length`` and ``rows``."""
 
     def __init__(self, cfg: TransformerConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.cfg = cfg
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.doc_id = torch.full((batch, max_len), -1, device=device, dtype=torch.long)
         self.image_id = torch.full((batch, max_len), -1, device=device, dtype=torch.long)
-        self.length = 0
+        self._length = 0
         self.max_len = max_len
-        self.plain = True  # no padding and no image blocks so far: the causal fast path applies
+        self._plain = True  # no padding and no image blocks so far: the causal fast path applies
+
+    @property
+    def length(self) -> int:
+        """Positions written so far (the write index of the next position)."""
+        return self._length
+
+    @property
+    def rows(self) -> int:
+        return self.doc_id.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        """No padding and no image block cached: attention is plain causal."""
+        return self._plain
 
     def reserve(self, n: int, doc_id: torch.Tensor | None, image_id: torch.Tensor | None) -> tuple[int, int]:
-        start, end = self.length, self.length + n
+        """The span (start, end) of ``n`` new positions, their ids written (None: document 0, no
+        image, which keeps a plain cache plain); :meth:`advance` makes them part of the cache."""
+        start, end = self._length, self._length + n
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
         self.doc_id[:, start:end] = 0 if doc_id is None else doc_id
         self.image_id[:, start:end] = -1 if image_id is None else image_id
         if doc_id is not None or image_id is not None:
-            self.plain = False
+            self._plain = False
         return start, end
 
+    def advance(self, end: int) -> None:
+        """The positions reserved up to ``end`` hold their keys and values: the cache now ends there."""
+        if not self._length <= end <= self.max_len:
+            raise ValueError(f"cannot advance a cache of {self._length} positions to {end}")
+        self._length = end
+
     def mask(self, causal: bool, end: int) -> MaskSpec:
-        if self.plain:
+        if self._plain:
             return MaskSpec(causal)
         return MaskSpec(causal, self.doc_id[:, :end], self.image_id[:, :end])
 
@@ -138,15 +167,42 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (e.g. MaskGIT rewrites its image after a cached
         prompt at every step)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.length = length
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
+        self._length = length
+
+    @contextmanager
+    def scratch(self) -> Iterator[KVCache]:
+        """Positions added inside the block are forgotten when it ends: a block of positions run
+        against the cached prefix and then replaced (MaskGIT's image at every pass, an image being
+        denoised)."""
+        length = self._length
+        try:
+            yield self
+        finally:
+            self.truncate(length)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (e.g. after a beam or early stop)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
         self.doc_id, self.image_id = self.doc_id[rows], self.image_id[rows]
+
+    def stacked(self, other: KVCache) -> KVCache:
+        """A new cache of this cache's rows followed by ``other``'s, as long as this one: ``other``'s
+        positions are right-aligned to end where this cache ends, its earlier positions empty
+        (doc_id -1, never attended). E.g. an unconditional ``[BOS] [BOI]`` row beside a document."""
+        if other.length > self._length:
+            raise ValueError(f"cannot align a cache of {other.length} positions to one of {self._length}")
+        both = KVCache(self.cfg, self.rows + other.rows, self.max_len, self.doc_id.device, self.k[0].dtype)
+        a, b, end = self.rows, other.length, self._length
+        for i in range(len(both.k)):
+            both.k[i][:a], both.v[i][:a] = self.k[i], self.v[i]
+            both.k[i][a:, :, end - b:end], both.v[i][a:, :, end - b:end] = other.k[i][:, :, :b], other.v[i][:, :, :b]
+        both.doc_id[:a], both.image_id[:a] = self.doc_id, self.image_id
+        both.doc_id[a:, end - b:end], both.image_id[a:, end - b:end] = other.doc_id[:, :b], other.image_id[:, :b]
+        both._length, both._plain = end, False
+        return both
 
 
 # ----------------------------------------------------------------------------- conditioning
@@ -301,8 +357,17 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, rot, spec, cache, i, span, cond)
         if cache is not None:
-            cache.length = span[1]
+            cache.advance(span[1])
         return self.norm(x)
+
+    def forward_rows(self, rows: Rows, cache: KVCache | None = None, ids: bool = False) -> torch.Tensor:
+        """Hidden states (R, L, dim) of inference rows (:class:`unifuse.models.rows.Rows`) after what
+        ``cache`` holds. Their document ids reach the mask when they have padding or an image block
+        (then their image ids too), or with ``ids``; otherwise a plain causal run keeps its fast path."""
+        image = bool(rows.blocks)
+        return self.forward_hidden(self.tok_emb(rows.tokens), rows.positions,
+                                   doc_id=rows.doc_id if ids or image or rows.padded else None,
+                                   image_id=rows.image_id if image else None, cache=cache)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kw) -> torch.Tensor:
         """tokens (B, L) -> logits (B, L, vocab)."""

@@ -35,11 +35,9 @@ timestep.
   captioning example) has its time capped at ``image_first_max_t`` of the noise range, so the
   text that follows it learns from a recognisable image.
 
-Inference keeps one KV cache: text is decoded token by token; on BOI, ``n`` noise patches are
-appended and denoised by any sampler of the diffusion module, each step recomputing only the image
-block against the cached prefix (classifier-free guidance: unconditional rows ``[BOS] [BOI]``
-batched with the conditional ones); the clean latent (t = 0) then enters the cache, EOI follows,
-and text decoding continues.
+Inference (:mod:`unifuse.decoding.transfusion` and :mod:`unifuse.decoding.document`) keeps one KV
+cache and runs the net through :meth:`Transfusion.forward_rows` (a prefix, with its image blocks)
+and :meth:`Transfusion.cached_image` (one image block after the cached prefix).
 """
 
 from __future__ import annotations
@@ -50,18 +48,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from unifuse.diffusion import DiffusionConfig, FlowMatching
-from unifuse.diffusion.samplers import guided_sample
+from unifuse.diffusion import DiffusionConfig
 from unifuse.models.autoencoder import AttnBlock, Downsample, ResBlock, Upsample
 from unifuse.models.dit import sincos_2d, timestep_embedding
+from unifuse.models.rows import Rows
 from unifuse.models.transformer import AdaLN, KVCache, PositionCond, Transformer, TransformerConfig
-from unifuse.sampling.rows import left_padded
-from unifuse.sampling.settings import SamplingSettings
-from unifuse.sampling.tokens import row_generators, sample_logits
 from unifuse.text.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
-from unifuse.text.vocab import VocabLayout
-
-TEXT, IMAGE = 0, 1  # modality ids, as the collator writes them
+from unifuse.text.vocab import TEXT, VocabLayout
 
 
 @dataclass
@@ -218,7 +211,7 @@ class Transfusion(nn.Module):
         skips or None, the time embedding (N, dim)) for :meth:`image_output` and the blocks)."""
         b, c, h, w = z.shape
         p, g, dtype = self.icfg.patch_size, self.icfg.grid, self.t_mlp[0].weight.dtype
-        t = t * 1000.0 if isinstance(self.diffusion, FlowMatching) else t  # flow times in [0, 1]
+        t = self.diffusion.network_time(t)
         temb = self.t_mlp(timestep_embedding(t.expand(b), 256).to(dtype))
         z = z.to(dtype)
         if self.t_patch is not None:  # the same (C, p, p) vector added to every patch of the latent
@@ -305,21 +298,17 @@ class Transfusion(nn.Module):
         or empty for a text-only batch: LM loss only, the image side kept in the graph with a zero
         gradient so data-parallel ranks agree). ``per_token``: also the text targets' ids and nats
         (``text_ids``, ``text_nats``)."""
-        logits = {}
         if z is not None and len(z):
             t = self.sample_times(batch["image_first"]) if t is None else t
-
-            def model(x_t, tt):
-                logits["lm"], out = self(batch, x_t, tt)
-                return out
-
-            image_loss = self.diffusion.loss(model, z, t, eps).mean()  # (N,) per image, float32
+            eps = torch.randn_like(z) if eps is None else eps
+            logits, out = self(batch, self.diffusion.noised(z, t, eps), t)
+            image_loss = self.diffusion.prediction_loss(out, z, eps, t).mean()  # (N,) per image, float32
         else:
-            logits["lm"] = self(batch)[0]
+            logits = self(batch)[0]
             image_loss = sum(p.flatten()[0] for p in self.image_parameters()).float() * 0.0
         target = self.text_targets(batch)
         y = batch["tokens"][:, 1:][target]
-        nats = F.cross_entropy(logits["lm"][:, :-1][target].float(), y, reduction="none")
+        nats = F.cross_entropy(logits[:, :-1][target].float(), y, reduction="none")
         ce = nats.mean() if len(nats) else nats.sum()
         out = {"loss": ce + self.icfg.diffusion_weight * image_loss, "text_loss": ce, "image_loss": image_loss,
                "tokens": torch.tensor(batch["tokens"].numel())}
@@ -331,261 +320,23 @@ class Transfusion(nn.Module):
         caption of an image-caption pair there). Text of an interleaved document is never cut."""
         return self.text_tokenizer.encode(text)[: self.icfg.max_text_len] if text else []
 
-    def _device(self):
-        return self.net.tok_emb.weight.device
+    def forward_rows(self, rows: Rows, z: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                     cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states (R, L, dim) of inference rows (:class:`unifuse.models.rows.Rows`) whose image
+        blocks hold the latents ``z`` at times ``t``, after what ``cache`` holds (then in it)."""
+        x = self.net.tok_emb(rows.tokens)
+        kw = {"positions": rows.positions, "doc_id": rows.doc_id, "image_id": rows.image_id, "cache": cache}
+        if z is None:
+            return self.net.forward_hidden(x, **kw)
+        return self.hidden_with_images(x, self._image_index(rows.image_pos, rows.width).flatten(), z, t, **kw)[0]
 
-    def _denoise(self, cache: KVCache, img_pos: torch.Tensor, block: int, b: int, sampler: str, steps: int,
-                 cfg_scale: float | None, cfg_schedule: str, eta: float, gens) -> torch.Tensor:
-        """Denoise one image block at ``img_pos`` after what ``cache`` holds (rows: b conditional,
-        then b unconditional when guided); the cache is left as it was."""
-        rows, n = cache.k[0].shape[0], self.n_patches
-        doc, image_id = torch.zeros_like(img_pos), torch.full_like(img_pos, block)
-        slots, every = self._image_slots(rows, img_pos.device)
-
-        def net(x, t, cond):
-            r = x.shape[0]
-            if r < rows:  # guidance switched off for this step: the unconditional rows ride along
-                x, t = torch.cat([x, x])[:rows], torch.cat([t, t])[:rows]
-            h, ctx = self.hidden_with_images(slots, every, x, t, positions=img_pos, doc_id=doc, image_id=image_id,
-                                             cache=cache)
-            cache.truncate(cache.length - n)
-            return self.image_output(h, ctx)[:r]
-
-        return self._sample(net, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens, img_pos.device)
-
-    def _sample(self, net, b: int, sampler: str, steps: int, cfg_scale: float | None, cfg_schedule: str,
-                eta: float, gens, device) -> torch.Tensor:
-        """Noise -> latents (b, C, H, W); ``net(x, t, cond)`` runs the image block (guided rows batched)."""
-        settings = SamplingSettings(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, steps=steps, sampler=sampler,
-                                    eta=eta)
-        return guided_sample(self.diffusion, net, (b, *self.latent_shape()), settings, gens, device, cond={},
-                             uncond={})
-
-    def _image_slots(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input embeddings of ``rows`` image blocks alone (filled by :meth:`hidden_with_images`) and
-        the flat indices of all their positions."""
-        n = self.n_patches
-        return (torch.empty(rows, n, self.net.cfg.dim, device=device, dtype=self.net.tok_emb.weight.dtype),
-                torch.arange(rows * n, device=device))
-
-    def _commit_image(self, cache: KVCache, z: torch.Tensor, img_pos: torch.Tensor, block: int) -> None:
-        """The clean latent (t = 0) enters the cache."""
-        t0 = torch.zeros(len(z), device=z.device)
-        t0 = t0 if isinstance(self.diffusion, FlowMatching) else t0.long()
-        slots, every = self._image_slots(len(z), z.device)
-        self.hidden_with_images(slots, every, z, t0, positions=img_pos, doc_id=torch.zeros_like(img_pos),
-                                image_id=torch.full_like(img_pos, block), cache=cache)
-
-    @torch.no_grad()
-    def generate(self, conds: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
-                 cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
-                 use_cache: bool = True, progress: bool = False) -> torch.Tensor:
-        """Text -> image: ``[BOS] caption [BOI]`` then an image block -> (B, C, H, W) latents.
-        ``use_cache=False`` reruns the whole sequence at every step (the reference)."""
-        dev, b, n, v = self._device(), len(conds), self.n_patches, self.vocab
-        rows = [[v.bos, *self.text_ids(c), v.boi] for c in conds]
-        rows += [[v.bos, v.boi]] * b if cfg_scale is not None else []
-        pr = left_padded(rows, v.pad, dev)
-        gens = row_generators(seed, b, dev)
-        if use_cache:
-            cache = self.net.new_cache(len(rows), pr.tokens.shape[1] + n + 1)
-            self.net.forward_hidden(self.net.tok_emb(pr.tokens), pr.positions, doc_id=pr.doc_id, cache=cache)
-            return self._denoise(cache, pr.image_positions(n), 0, b, sampler, steps, cfg_scale, cfg_schedule, eta,
-                                 gens)
-        p = pr.tokens.shape[1]
-        batch = pr.with_image_block(torch.full((len(rows), n), v.pad, device=dev))
-        batch["image_pos"] = torch.stack([torch.arange(len(rows), device=dev), torch.full((len(rows),), p, device=dev),
-                                          torch.full((len(rows),), n, device=dev)], 1)
-
-        def net(x, t, cond):
-            r = x.shape[0]
-            x, t = torch.cat([x, x])[:len(rows)], torch.cat([t, t])[:len(rows)]
-            return self(batch, x, t)[1][:r]
-
-        return self._sample(net, b, sampler, steps, cfg_scale, cfg_schedule, eta, gens, dev)
-
-    def _image_prefix(self, z: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """``[BOS] [BOI] image [EOI]`` rows for clean latents z: (batch for :meth:`forward`, t = 0)."""
-        dev, b, n, v = z.device, len(z), self.n_patches, self.vocab
-        tokens = torch.tensor([v.bos, v.boi] + [v.pad] * n + [v.eoi], device=dev).expand(b, -1)
-        mod = torch.tensor([TEXT, TEXT] + [IMAGE] * n + [TEXT], device=dev).expand(b, -1)
-        image_id = torch.where(mod == IMAGE, 0, -1)
-        batch = {"tokens": tokens, "modality": mod, "position": torch.arange(n + 3, device=dev).expand(b, -1),
-                 "doc_id": torch.zeros_like(tokens), "image_id": image_id,
-                 "image_pos": torch.stack([torch.arange(b, device=dev), torch.full((b,), 2, device=dev),
-                                           torch.full((b,), n, device=dev)], 1)}
-        t0 = torch.zeros(b, device=dev)
-        return batch, (t0 if isinstance(self.diffusion, FlowMatching) else t0.long())
-
-    def _text_prefix(self, b: int) -> tuple[dict, None]:
-        """``[BOS]`` rows, the start of a document before its caption (no image), as :meth:`_image_prefix`."""
-        dev = self._device()
-        tokens = torch.full((b, 1), self.vocab.bos, device=dev)
-        return {"tokens": tokens, "modality": torch.full_like(tokens, TEXT), "position": torch.zeros_like(tokens),
-                "doc_id": torch.zeros_like(tokens), "image_id": torch.full_like(tokens, -1)}, None
-
-    @torch.no_grad()
-    def caption_logprob(self, z: torch.Tensor | None, captions: list[str]) -> torch.Tensor:
-        """(B,) log-likelihood of caption i and its end, summed over tokens: after row i's clean
-        latent, ``[BOS] [BOI] image [EOI] caption [EOS]`` (an image-first document); with ``z`` None,
-        with no image, ``[BOS] caption [BOI]`` (a caption-first document, whose caption ends where its
-        image begins). The first minus the second is the pointwise mutual information of caption and image."""
-        v, b = self.vocab, len(captions)
-        prefix, t0 = self._image_prefix(z) if z is not None else self._text_prefix(b)
-        end, dev = (v.eos if z is not None else v.boi), prefix["tokens"].device
-        ids = [self.text_ids(c) + [end] for c in captions]
-        m = max(len(r) for r in ids)
-        cap = torch.full((b, m), v.pad, device=dev)
-        valid = torch.zeros((b, m), dtype=torch.bool, device=dev)
-        for i, r in enumerate(ids):
-            cap[i, : len(r)] = torch.tensor(r, device=dev)
-            valid[i, : len(r)] = True
-        k = prefix["tokens"].shape[1]
-        batch = dict(prefix)
-        batch["tokens"] = torch.cat([prefix["tokens"], cap], 1)
-        batch["modality"] = torch.cat([prefix["modality"], torch.full_like(cap, TEXT)], 1)
-        batch["position"] = torch.arange(k + m, device=dev).expand(b, -1)
-        batch["doc_id"] = torch.cat([prefix["doc_id"], torch.where(valid, 0, -1)], 1)
-        batch["image_id"] = torch.cat([prefix["image_id"], torch.full_like(cap, -1)], 1)
-        logits, _ = self(batch, z, t0)
-        logp = logits[:, k - 1:-1].float().log_softmax(-1).gather(-1, cap[..., None])[..., 0]
-        return (logp * valid).sum(1)
-
-    def _text_logits(self, logits: torch.Tensor, allow_boi: bool) -> torch.Tensor:
-        """Only text tokens, EOS (and BOI when images may be generated) can be sampled."""
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[: self.vocab.text_size] = True
-        keep[self.vocab.eos] = True
-        keep[self.vocab.boi] = allow_boi
-        return logits.float().masked_fill(~keep, float("-inf"))
-
-    @torch.no_grad()
-    def caption(self, z: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
-                ) -> list[str]:
-        """Image -> text: ``[BOS] [BOI] image [EOI]`` then text decoded with the KV cache until EOS."""
-        ids = self.caption_ids(z, max_new_tokens, temperature, top_k, top_p, seed)
-        return [self.text_tokenizer.decode(r) for r in ids]
-
-    @torch.no_grad()
-    def caption_ids(self, z: torch.Tensor, max_new_tokens: int = 48, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
-                    ) -> list[list[int]]:
-        """:meth:`caption` as token ids (without the EOS)."""
-        b, dev = len(z), z.device
-        prefix, t0 = self._image_prefix(z)
-        k = prefix["tokens"].shape[1]
-        cache = self.net.new_cache(b, k + max_new_tokens)
-        idx = self._image_index(prefix["image_pos"], k).flatten()
-        h = self.hidden_with_images(self.net.tok_emb(prefix["tokens"]), idx, z, t0, positions=prefix["position"],
-                                    doc_id=prefix["doc_id"], image_id=prefix["image_id"], cache=cache)[0][:, -1]
-        gens = row_generators(seed, b, dev)
-        out = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        for i in range(max_new_tokens):
-            tok = sample_logits(self._text_logits(self.net.lm_head(h), False), temperature, top_k, top_p, gens)
-            for r in range(b):
-                if not done[r] and int(tok[r]) != self.vocab.eos:
-                    out[r].append(int(tok[r]))
-            done |= tok == self.vocab.eos
-            if bool(done.all()) or i == max_new_tokens - 1:
-                break
-            h = self.net.forward_hidden(self.net.tok_emb(tok[:, None]), torch.full((b, 1), k + i, device=dev),
-                                        cache=cache)[:, -1]
-        return out
-
-    def _feed(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
-        """Append tokens to a one-document cache (positions continue); the last hidden state (R, dim)."""
-        dev, r = self._device(), cache.k[0].shape[0]
-        tok = torch.tensor(ids, device=dev).expand(r, -1)
-        pos = cache.length + torch.arange(len(ids), device=dev).expand(r, -1)
-        return self.net.forward_hidden(self.net.tok_emb(tok), pos, doc_id=torch.zeros_like(tok), cache=cache)[:, -1]
-
-    def _with_uncond(self, cache: KVCache) -> KVCache:
-        """A two-row copy of a one-row cache whose second row is the unconditional ``[BOS] [BOI]``,
-        right-aligned (its padding has doc_id -1), for guidance at an image inside a document."""
-        v, length = self.vocab, cache.length
-        un = self.net.new_cache(1, 2)
-        self._feed(un, [v.bos, v.boi])
-        both = self.net.new_cache(2, cache.max_len)
-        for i in range(len(both.k)):
-            both.k[i][0], both.v[i][0] = cache.k[i][0], cache.v[i][0]
-            both.k[i][1, :, length - 2:length], both.v[i][1, :, length - 2:length] = un.k[i][0], un.v[i][0]
-        both.doc_id[0], both.image_id[0] = cache.doc_id[0], cache.image_id[0]
-        both.doc_id[1, length - 2:length] = 0
-        both.length, both.plain = length, False
-        return both
-
-    def _document_cache(self, texts: list[list[int]], forced_images: int, max_images: int,
-                        max_new_tokens: int) -> KVCache:
-        """A one-row cache for a document of the given text parts (token ids, uncut) and images,
-        plus what sampling may add; refused, naming the limit, when it exceeds the model's context."""
-        n, limit = self.n_patches, self.net.cfg.max_seq_len
-        images = max_images if max_new_tokens else min(max_images, forced_images)
-        text = sum(len(ids) for ids in texts)
-        size = 2 + text + images * (n + 2) + max_new_tokens
-        if size > limit:
-            raise ValueError(
-                f"the document needs up to {size} positions (BOS and EOS, {text} tokens of given text, {images} x "
-                f"{n + 2} for images, {max_new_tokens} new tokens), more than model.net.transformer.max_seq_len = "
-                f"{limit}: shorten the text or lower max_new_tokens / max_images")
-        return self.net.new_cache(1, size)
-
-    @torch.no_grad()
-    def document(self, parts: list[str | None], max_new_tokens: int = 0, max_images: int = 4,
-                 sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
-                 cfg_schedule: str = "constant", eta: float = 0.0, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = 0) -> list[dict]:
-        """An interleaved document, decoded with one KV cache: ``parts`` are given text (str) and
-        images to generate there (None: a forced BOI); then up to ``max_new_tokens`` sampled
-        tokens, in which a sampled BOI starts another image (at most ``max_images`` in all).
-        Returns segments ``{"text": str}`` / ``{"image": (C, H, W) latent}``; generated text is
-        ``{"text": str, "generated": True}``. Image k uses seed ``seed + 1 + k``. Given text is fed
-        whole, as training feeds interleaved text; a document that may not fit the model's context
-        (``max_seq_len``) is refused before anything runs."""
-        v, dev, n = self.vocab, self._device(), self.n_patches
-        parts = [None if p is None else (p, self.text_tokenizer.encode(p)) for p in parts]  # never cut
-        cache = self._document_cache([p[1] for p in parts if p is not None], parts.count(None), max_images,
-                                     max_new_tokens)
-        h = self._feed(cache, [v.bos])
-        gen = row_generators(seed, 1, dev)
-        segments: list[dict] = []
-        images = new = 0
-        while parts or new < max_new_tokens:
-            part = parts.pop(0) if parts else "<sample>"
-            if part == "<sample>":
-                logits = self._text_logits(self.net.lm_head(h), images < max_images)
-                tok = int(sample_logits(logits, temperature, top_k, top_p, gen)[0])
-                new += 1
-                if tok == v.eos:
-                    break
-                if tok == v.boi:
-                    parts.insert(0, None)
-                    continue
-                if not (segments and segments[-1].get("generated")):
-                    segments.append({"text": "", "ids": [], "generated": True})
-                segments[-1]["ids"].append(tok)
-                segments[-1]["text"] = self.text_tokenizer.decode(segments[-1]["ids"])
-                h = self._feed(cache, [tok])
-            elif part is None:
-                if images >= max_images:
-                    continue
-                self._feed(cache, [v.boi])
-                guided = self._with_uncond(cache) if cfg_scale is not None else cache
-                img_pos = cache.length + torch.arange(n, device=dev)[None]
-                if cfg_scale is not None:
-                    img_pos = torch.cat([img_pos, 2 + torch.arange(n, device=dev)[None]])
-                z = self._denoise(guided, img_pos, images, 1, sampler, steps, cfg_scale, cfg_schedule, eta,
-                                  row_generators(None if seed is None else seed + 1 + images, 1, dev))
-                self._commit_image(cache, z, img_pos[:1], images)
-                h = self._feed(cache, [v.eoi])
-                segments.append({"image": z[0]})
-                images += 1
-            else:
-                text, ids = part
-                if ids:
-                    h = self._feed(cache, ids)
-                segments.append({"text": text})
-        for s in segments:
-            s.pop("ids", None)
-        return segments
+    def cached_image(self, cache: KVCache, z: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
+                     block: int) -> tuple[torch.Tensor, tuple]:
+        """One image block per cache row after what ``cache`` holds (then in it): the latents ``z``
+        (R, C, H, W) at times ``t`` (R,), at rotary ``positions`` (R, patches), image id ``block``.
+        Returns (hidden (R, patches, dim), ctx for :meth:`image_output`)."""
+        rows, n = len(z), self.n_patches
+        slots = torch.empty(rows, n, self.net.cfg.dim, device=z.device, dtype=self.net.tok_emb.weight.dtype)
+        return self.hidden_with_images(slots, torch.arange(rows * n, device=z.device), z, t, positions=positions,
+                                       doc_id=torch.zeros_like(positions), image_id=torch.full_like(positions, block),
+                                       cache=cache)

@@ -7,13 +7,15 @@ import inspect
 import torch
 from torch import nn
 
+from unifuse.decoding import code_decoder
 from unifuse.pipelines.base import Pipeline
 from unifuse.sampling import eval_mode
 from unifuse.sampling.settings import SamplingSettings
 
 
 class TokenImagePipeline(Pipeline):
-    """A discrete-token generator (``generate(conds, **sampling) -> codes``) + its VQ tokenizer."""
+    """A discrete-token generator + its VQ tokenizer; codes come from the generator's decoding
+    program (:func:`unifuse.decoding.code_decoder`: ``decode(net, conds, **sampling) -> codes``)."""
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text",
                  sampling: SamplingSettings | dict | None = None):
@@ -22,8 +24,9 @@ class TokenImagePipeline(Pipeline):
         if codes is not None and codes != net.vocab.image_codes:
             raise ValueError(f"the image tokenizer has {codes} codes but the generator's vocabulary has "
                              f"{net.vocab.image_codes} image codes: pass the tokenizer it was trained with")
-        # the settings the net's generate takes (the AR GPT's has no steps)
-        params = inspect.signature(net.generate).parameters
+        self.decode = code_decoder(net)
+        # the settings the decoding program takes (the AR GPT's has no steps)
+        params = inspect.signature(self.decode).parameters
         self.setting_names = tuple(k for k in SamplingSettings.names() if k in params)
 
     @torch.no_grad()
@@ -32,5 +35,5 @@ class TokenImagePipeline(Pipeline):
         temperature, steps, seed, ...) over the stored ones; ``progress=True`` shows a bar."""
         settings = self.arguments(self.settings(**overrides))
         with eval_mode(self.net):
-            codes = self.net.generate(self.conditions(prompts), progress=progress, **settings)
+            codes = self.decode(self.net, self.conditions(prompts), progress=progress, **settings)
         return self.tokenizer.decode(codes).clamp(-1, 1)

@@ -1,6 +1,6 @@
 """Sampling shared by every generator, below the nets and the diffusion module: the typed settings
-(:mod:`.settings`), token draws (:mod:`.tokens`), classifier-free guidance (:mod:`.guidance`),
-prompt rows (:mod:`.rows`) and :func:`eval_mode`."""
+(:mod:`.settings`), token draws (:mod:`.tokens`), classifier-free guidance (:mod:`.guidance`) and
+:func:`eval_mode`. Prompt rows are built by :mod:`unifuse.models.rows`."""
 
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 SPECIALS = ("BOS", "EOS", "PAD", "BOI", "EOI", "VID_START", "VID_END", "MASK")
 
+# the modality of a sequence position (the collator's ``modality``): text and special tokens, image
+TEXT, IMAGE = 0, 1
+
 
 @dataclass(frozen=True)
 class VocabLayout:
