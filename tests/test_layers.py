@@ -177,6 +177,28 @@ def test_no_import_cycle():
     assert not cycle, "modules import each other when imported: " + ", ".join(cycle)
 
 
+def unexplained_deferred_imports(root: Path, package: str = PACKAGE) -> list[str]:
+    """Imports of ``package`` modules that do not run at import time (in a function or class, under
+    ``if TYPE_CHECKING``) without a ``# deferred: <why>`` comment on their line or the line above."""
+    files = module_files(root, package)
+    out = []
+    for module, path in files.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        at_import = set(imported_modules(module, path, set(files), package, at_import=True))
+        for line, target in imported_modules(module, path, set(files), package):
+            if (line, target) not in at_import and not any("# deferred: " in lines[i - 1] for i in (line - 1, line)):
+                out.append(f"{path.relative_to(root)}:{line}: {module} imports {target}")
+    return sorted(set(out))
+
+
+def test_imports_deferred_into_functions_say_why():
+    """An import inside a function hides a dependency from the reader; it is there only to defer a
+    heavy optional dependency or to break a cycle, and its comment says which."""
+    bad = unexplained_deferred_imports(ROOT)
+    assert not bad, "imports in functions without `# deferred: <heavy optional dependency | cycle A<->B>`:\n" + \
+        "\n".join(bad)
+
+
 def test_floors_are_listed_once():
     entries = [e for _, es in FLOORS for e in es]
     assert len(entries) == len(set(entries)), "an entry is on two floors"
@@ -226,3 +248,9 @@ def test_a_cycle_is_found_and_imports_in_functions_or_for_type_checking_make_non
     assert import_cycle(root, "pkg") == []
     (root / "pkg/c.py").write_text("if True:\n    import pkg.a\n")
     assert import_cycle(root, "pkg") == ["pkg.a:2 -> pkg.b", "pkg.b:2 -> pkg.c", "pkg.c:2 -> pkg.a"]
+
+
+def test_a_deferred_import_needs_its_reason(tmp_path):
+    b = "from pkg import a\n\ndef f():\n    from pkg.a import x  # deferred: cycle a<->b\n\ndef g():\n"
+    root = _tree(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "", "pkg/b.py": b + "    import pkg.a\n    import os\n"})
+    assert unexplained_deferred_imports(root, "pkg") == ["pkg/b.py:7: pkg.b imports pkg.a"]

@@ -1,4 +1,4 @@
-"""Tests written to kill mutmut survivors in unifuse/data/stream.py (see `make mutation`).
+"""Tests written to kill mutmut survivors in unifuse/data/stream.py, plan.py and read.py (see `make mutation`).
 
 Each test states a property of the epoch plan or of the readers that a surviving mutant broke."""
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from unifuse.models.autoencoder import AutoencoderConfig, Decoder, Encoder
+from unifuse.run.checkpoint import load_net
 
 
 class DiagonalGaussian:
@@ -135,6 +136,4 @@ class KLAutoencoder(nn.Module):
 
 def load_kl_autoencoder(path: str | Path, map_location: str | torch.device = "cpu") -> KLAutoencoder:
     """Rebuild a trained KL autoencoder from a unifuse checkpoint or export directory, without Lightning."""
-    from unifuse.run.checkpoint import load_net
-
     return load_net(path, map_location, expect=KLAutoencoder)

@@ -13,6 +13,7 @@ from torch import nn
 
 from unifuse.models.autoencoder import AutoencoderConfig, Decoder, Encoder
 from unifuse.models.quantize import QuantizerConfig, VectorQuantizer
+from unifuse.run.checkpoint import load_net
 
 
 class VQVAE(nn.Module):
@@ -72,6 +73,4 @@ class VQVAE(nn.Module):
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
     """Rebuild a trained tokenizer from a unifuse checkpoint or export directory, without Lightning."""
-    from unifuse.run.checkpoint import load_net
-
     return load_net(path, map_location, expect=VQVAE)
