@@ -123,6 +123,7 @@ def test_evaluate_cli_evaluates_the_chosen_weights(ema_run, tiny_emoji, tmp_path
 
 
 def test_sample_cli_draws_with_the_chosen_weights(tiny_emoji, tiny_kl, tmp_path, capsys, monkeypatch):
+    from unifuse import sample
     from unifuse.run import checkpoint
     from unifuse.sample import main as sample_main
 
@@ -138,7 +139,7 @@ def test_sample_cli_draws_with_the_chosen_weights(tiny_emoji, tiny_kl, tmp_path,
         drew["state"] = net_state(pipe)
         return pipe, ck
 
-    monkeypatch.setattr(checkpoint, "load_pipeline", load_and_record)
+    monkeypatch.setattr(sample, "load_pipeline", load_and_record)  # the name the sampling CLI calls
     for w in ("ema", "raw", None):
         sample_main([f"ckpt={last}", "prompt=twemoji dog face", "n=2", "steps=2", f"out={tmp_path / f'{w}.png'}"]
                     + ([f"weights={w}"] if w else []))
