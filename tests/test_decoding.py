@@ -19,6 +19,8 @@ from unifuse.models import rows as rows_module
 from unifuse.models.maskgit import MaskGIT
 from unifuse.models.rows import left_padded, right_padded
 from unifuse.models.transformer import Transformer, TransformerConfig
+from unifuse.paradigms import RECONSTRUCTION, Paradigm
+from unifuse.pipelines import TokenImagePipeline
 
 CFG = TransformerConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
@@ -102,6 +104,18 @@ def test_every_row_a_net_runs_at_inference_comes_from_the_row_builder(monkeypatc
         assert fed, name
         for x in fed:
             assert any(x is r.tokens for r in built), f"{name}: a {tuple(x.shape)} token tensor not built as rows"
+
+
+def test_a_token_pipeline_runs_the_decoding_program_its_paradigm_names():
+    """AR GPT and MaskGIT share one pipeline; each net's spec names its program, and the settings the
+    pipeline passes are the ones that program takes (MaskGIT's steps, none for the AR GPT)."""
+    for net, program, steps in ((gpt(), ar.generate, False), (gpt(MaskGIT), maskgit.generate, True)):
+        pipe = TokenImagePipeline(net, torch.nn.Identity())
+        assert pipe.decode is program and ("steps" in pipe.setting_names) is steps
+        codes = pipe.decode(net, ["dog"], seed=0, **({"steps": 2} if steps else {}))
+        assert torch.equal(codes, program(net, ["dog"], seed=0, **({"steps": 2} if steps else {})))
+    with pytest.raises(ValueError, match="a none net has no decoding program for its pipeline"):
+        Paradigm("none", Transformer, RECONSTRUCTION).decoder_function()
 
 
 # ----------------------------------------------------------------------------- the KV cache

@@ -6,6 +6,8 @@ A spec names everything the entry points need to handle a kind of model without 
   so a checkpoint (its ``kind`` is the spec's name) loads without Lightning,
 * ``module``: the LightningModule that trains it (None: nothing to train, e.g. the pixel space),
 * ``pipeline``: for generators, the class that turns prompts into images (net + image tokenizer),
+* ``decoder``: for a pipeline that serves several nets (the discrete-token one), the net's decoding
+  program, ``decoder(net, conds, **sampling settings) -> codes``,
 * ``tokenizers``: the kinds of image tokenizer a generator decodes with (the first is the one a
   checkpoint that does not say was trained with; the identity pixel space where listed),
 * ``task`` and ``evaluator``: what evaluation means for it and the function that measures it
@@ -63,6 +65,7 @@ class Paradigm:
     evaluator: Target | None = None  # (net or pipeline, EvalConfig, weights=..., **sampling) -> result
     module: Target | None = None
     pipeline: Target | None = None
+    decoder: Target | None = None  # (net, conds, **settings) -> codes: the program a shared pipeline runs
     tokenizers: tuple[str, ...] = ()
     schemas: Mapping[str, Target] = field(default_factory=dict)
 
@@ -90,6 +93,11 @@ class Paradigm:
             raise ValueError(f"a {self.name} checkpoint does not generate images from prompts")
         return resolve(self.pipeline, f"{self.name} pipeline")
 
+    def decoder_function(self) -> Callable:
+        if self.decoder is None:
+            raise ValueError(f"a {self.name} net has no decoding program for its pipeline (its paradigm names none)")
+        return resolve(self.decoder, f"{self.name} decoder")
+
     def check_module(self, module) -> None:
         """Raise unless ``module`` (a LightningModule holding this paradigm's net) is its module."""
         if self.module is not None and not isinstance(module, self.module_class()):
@@ -106,9 +114,9 @@ class Paradigm:
     def evaluate(self, net: Callable[[], object], pipeline: Callable[[], object | None], cfg,
                  weights: str = "raw", **sampling) -> dict | None:
         """The paradigm's evaluation of what its task measures: ``net()`` (reconstruction) or the
-        images of ``pipeline()`` (text-to-image; None when the pipeline cannot be built yet, e.g.
-        before a tokenizer is loaded: then None). ``sampling`` overrides a generator's stored
-        settings. The sampling CLI's evaluation and the online callback both come here."""
+        images of ``pipeline()`` (text-to-image; returns None when ``pipeline()`` is None, e.g.
+        before a tokenizer is loaded). ``sampling`` overrides a generator's stored settings.
+        ``python -m unifuse.evaluate`` and the online FID callback both evaluate here."""
         if self.evaluator is None:
             raise ValueError(f"a {self.name} model has no evaluation (its paradigm names no evaluator)")
         evaluator = resolve(self.evaluator, f"{self.name} evaluator")
@@ -199,11 +207,13 @@ register(Paradigm("kl_autoencoder", "unifuse.models.kl_autoencoder:KLAutoencoder
 register(Paradigm("identity", "unifuse.models.pixels:PixelSpace", RECONSTRUCTION))  # pixels as latents
 register(Paradigm("ar_gpt", "unifuse.models.image_gpt:ImageGPT", TEXT_TO_IMAGE, f"{_FIDELITY}:evaluate_generator",
                   module="unifuse.lit.generators:TokenGeneratorModule",
-                  pipeline="unifuse.pipelines:TokenImagePipeline", tokenizers=("vqvae",),
+                  pipeline="unifuse.pipelines:TokenImagePipeline", decoder="unifuse.decoding.ar:generate",
+                  tokenizers=("vqvae",),
                   schemas={"transformer": "unifuse.models.transformer:TransformerConfig"}))
 register(Paradigm("maskgit", "unifuse.models.maskgit:MaskGIT", TEXT_TO_IMAGE, f"{_FIDELITY}:evaluate_generator",
                   module="unifuse.lit.generators:TokenGeneratorModule",
-                  pipeline="unifuse.pipelines:TokenImagePipeline", tokenizers=("vqvae",),
+                  pipeline="unifuse.pipelines:TokenImagePipeline", decoder="unifuse.decoding.maskgit:generate",
+                  tokenizers=("vqvae",),
                   schemas={"transformer": "unifuse.models.transformer:TransformerConfig"}))
 register(Paradigm("ldm", "unifuse.models.dit:DiT", TEXT_TO_IMAGE, f"{_FIDELITY}:evaluate_generator",
                   module="unifuse.lit.ldm:LatentDiffusionModule",

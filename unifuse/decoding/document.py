@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unifuse.decoding.transfusion import commit_image, denoise, device_of, text_logits
+from unifuse.decoding.transfusion import commit_image, denoise, device_of, prompt_ids, text_logits
 from unifuse.models.rows import left_padded
 from unifuse.models.transformer import KVCache
 from unifuse.models.transfusion import Transfusion
@@ -49,10 +49,11 @@ def feed(net: Transfusion, cache: KVCache, ids: list[int]) -> torch.Tensor:
 
 
 def with_uncond(net: Transfusion, cache: KVCache) -> KVCache:
-    """A two-row copy of a one-row cache whose second row is the unconditional ``[BOS] [BOI]``,
+    """A two-row copy of a one-row cache whose second row is the unconditional prompt ``[BOS] [BOI]``,
     right-aligned (its padding has doc_id -1), for guidance at an image inside a document."""
-    un = net.net.new_cache(1, 2)
-    feed(net, un, [net.vocab.bos, net.vocab.boi])
+    ids = prompt_ids(net, None)
+    un = net.net.new_cache(1, len(ids))
+    feed(net, un, ids)
     return cache.stacked(un)
 
 
@@ -99,8 +100,8 @@ class _Document:
         net, cache, s, dev = self.net, self.cache, self.settings, device_of(self.net)
         feed(net, cache, [net.vocab.boi])
         guided = with_uncond(net, cache) if s.cfg_scale is not None else cache
-        # each row's image block right after its own prefix: the document's, the unconditional [BOS] [BOI]
-        lengths = torch.tensor([cache.length, 2][: guided.rows], device=dev)
+        # each row's image block right after its own prefix: the document's, the unconditional prompt's
+        lengths = torch.tensor([cache.length, len(prompt_ids(net, None))][: guided.rows], device=dev)
         img_pos = lengths[:, None] + torch.arange(net.n_patches, device=dev)
         gens = row_generators(None if s.seed is None else s.seed + 1 + self.images, 1, dev)
         z = denoise(net, guided, img_pos, self.images, 1, s, gens)

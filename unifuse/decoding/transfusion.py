@@ -26,6 +26,12 @@ def device_of(net: Transfusion) -> torch.device:
     return net.net.tok_emb.weight.device
 
 
+def prompt_ids(net: Transfusion, cond: str | None) -> list[int]:
+    """``[BOS] caption [BOI]``: the start of a caption-first document, the prompt of text -> image
+    (``cond`` None: ``[BOS] [BOI]``, the unconditional prompt of classifier-free guidance)."""
+    return [net.vocab.bos, *net.text_ids(cond), net.vocab.boi]
+
+
 def image_prefix(net: Transfusion, b: int, device) -> Rows:
     """``b`` rows ``[BOS] [BOI] image [EOI]``: the start of an image-first document (its image block
     holds placeholder ids; the latents enter through :meth:`Transfusion.forward_rows`)."""
@@ -80,7 +86,7 @@ def generate(net: Transfusion, conds: list, sampler: str = "ddim", steps: int = 
     ``use_cache=False`` reruns the whole rows at every step (the reference)."""
     dev, b, n, v = device_of(net), len(conds), net.n_patches, net.vocab
     settings = SamplingSettings(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, steps=steps, sampler=sampler, eta=eta)
-    rows = left_padded([[v.bos, *net.text_ids(c), v.boi] for c in Guidance.of(settings).rows(conds)], v.pad, dev)
+    rows = left_padded([prompt_ids(net, c) for c in Guidance.of(settings).rows(conds)], v.pad, dev)
     r = rows.tokens.shape[0]
     gens = row_generators(seed, b, dev)
     if use_cache:

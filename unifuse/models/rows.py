@@ -96,10 +96,10 @@ class Rows:
         return {**out, "image_pos": self.image_pos} if self.blocks else out
 
 
-def _padded(rows: list[list[int]], pad: int, device, width: int, left: bool, start) -> Rows:
+def _padded(rows: list[list[int]], pad: int, device, left: bool, start, pad_to: int = 0) -> Rows:
     if not rows:
         raise ValueError("no rows to build: pass at least one (possibly empty) row of token ids")
-    r = len(rows)
+    r, width = len(rows), max(pad_to, max(len(ids) for ids in rows))
     tokens = torch.full((r, width), pad, dtype=torch.long)
     doc = torch.full((r, width), -1, dtype=torch.long)
     for i, ids in enumerate(rows):
@@ -107,24 +107,25 @@ def _padded(rows: list[list[int]], pad: int, device, width: int, left: bool, sta
         tokens[i, real] = torch.tensor(ids, dtype=torch.long)
         doc[i, real] = 0
     lengths = torch.tensor([len(ids) for ids in rows])
+    # a real token's position counts the row's real tokens before it; left padding sits at 0, right
+    # padding continues the count (padding is never attended, its position only has to be valid)
     cols = torch.arange(width)
-    # a real token's position counts the row's real tokens before it; padding continues the count
-    pos = cols - (width - lengths[:, None]) if left else cols.expand(r, width)
-    pos = (pos.clamp_min(0) if left else pos).to(device)
+    pos = (cols - (width - lengths[:, None])).clamp_min(0) if left else cols.expand(r, width)
     start = torch.as_tensor(start, device=device)
+    start_col = start.view(-1, 1) if start.dim() else start
     shortest = min(len(ids) for ids in rows)
-    span = (0, width - shortest) if left else (shortest, width)
-    return Rows(tokens.to(device), doc.to(device), pos + start.view(-1, 1) if start.dim() else pos + start,
-                lengths.to(device) + start, torch.full((r, width), -1, dtype=torch.long, device=device),
-                span if shortest < width else (0, 0))
+    span = ((0, width - shortest) if left else (shortest, width)) if shortest < width else (0, 0)
+    return Rows(tokens.to(device), doc.to(device), pos.to(device) + start_col, lengths.to(device) + start,
+                torch.full((r, width), -1, dtype=torch.long, device=device), span)
 
 
 def left_padded(rows: list[list[int]], pad: int, device, pad_to: int | None = None, start=0) -> Rows:
     """Token-id rows, left-padded to the longest (at least ``pad_to``): prompts that share a KV-cache
-    write index. ``start``: the position of each row's first real token (after a cached prefix)."""
-    return _padded(rows, pad, device, max(pad_to or 0, max(len(ids) for ids in rows)), True, start)
+    write index. ``start``: the position of each row's first real token (after a cached prefix; an
+    int or one per row)."""
+    return _padded(rows, pad, device, True, start, pad_to or 0)
 
 
 def right_padded(rows: list[list[int]], pad: int, device, start=0) -> Rows:
     """Token-id rows, right-padded to the longest: text run or scored as a whole (captions)."""
-    return _padded(rows, pad, device, max(len(ids) for ids in rows), False, start)
+    return _padded(rows, pad, device, False, start)

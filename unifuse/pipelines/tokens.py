@@ -7,15 +7,15 @@ import inspect
 import torch
 from torch import nn
 
-from unifuse.decoding import code_decoder
+from unifuse.paradigms import paradigm_of
 from unifuse.pipelines.base import Pipeline
 from unifuse.sampling import eval_mode
 from unifuse.sampling.settings import SamplingSettings
 
 
 class TokenImagePipeline(Pipeline):
-    """A discrete-token generator + its VQ tokenizer; codes come from the generator's decoding
-    program (:func:`unifuse.decoding.code_decoder`: ``decode(net, conds, **sampling) -> codes``)."""
+    """A discrete-token generator + its VQ tokenizer; codes come from the decoding program its
+    paradigm names (``decode(net, conds, **sampling) -> codes``, e.g. :mod:`unifuse.decoding.ar`)."""
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, cond: str = "text",
                  sampling: SamplingSettings | dict | None = None):
@@ -24,7 +24,7 @@ class TokenImagePipeline(Pipeline):
         if codes is not None and codes != net.vocab.image_codes:
             raise ValueError(f"the image tokenizer has {codes} codes but the generator's vocabulary has "
                              f"{net.vocab.image_codes} image codes: pass the tokenizer it was trained with")
-        self.decode = code_decoder(net)
+        self.decode = paradigm_of(net).decoder_function()
         # the settings the decoding program takes (the AR GPT's has no steps)
         params = inspect.signature(self.decode).parameters
         self.setting_names = tuple(k for k in SamplingSettings.names() if k in params)
