@@ -17,8 +17,8 @@ that load checkpoints and its progress reporting below everything that reports.
 * models: nets (parameters and forward passes)
 * checkpoint reading: ``run.checkpoint`` and ``run.sharded`` rebuild a net or pipeline from a file
   through the paradigm specs, so nets (e.g. ``load_vqvae``) may load one
-* paradigms: one spec per kind of model. It names its net, module, pipeline and evaluator as
-  ``"module:Class"`` strings resolved when used, so it imports none of them and every floor above
+* paradigms: one spec per kind of model. It names its net, module, pipeline, decoder and evaluator
+  as ``"module:Name"`` strings resolved when used, so it imports none of them and every floor above
   may read it.
 * diffusion: transports, noise schedules, samplers
 * sampling: sampling settings, token sampling, guidance, eval mode
