@@ -32,8 +32,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-import unifuse.evaluate
 import unifuse.eval.extractors
+import unifuse.evaluate
 from unifuse.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
