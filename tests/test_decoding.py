@@ -219,3 +219,14 @@ def test_a_sampled_boi_becomes_an_image_and_given_text_stays_text(monkeypatch):
     assert [sorted(s) for s in segs] == [["text"], ["image"], ["generated", "text"]]
     assert segs[0] == {"text": "<sample>"} and segs[1]["image"].shape == (4, 4, 4)
     assert len(m.text_tokenizer.encode(segs[2]["text"])) >= 1  # the two tokens after the image
+
+
+@pytest.mark.parametrize("transport,default", [("flow", "euler"), ("ddpm", "ddim")])
+def test_transfusion_decoding_without_a_sampler_uses_its_transports_default(transport, default):
+    torch.manual_seed(0)
+    net = tiny_model(transport).eval()
+    unset = transfusion.generate(net, ["a cat"], steps=2, seed=0)
+    assert torch.equal(unset, transfusion.generate(net, ["a cat"], sampler=default, steps=2, seed=0))
+    doc = document.document(net, ["a cat", None], steps=2, seed=0)
+    named = document.document(net, ["a cat", None], sampler=default, steps=2, seed=0)
+    assert torch.equal(doc[-1]["image"], named[-1]["image"])

@@ -132,7 +132,7 @@ class _Document:
 
 @torch.no_grad()
 def document(net: Transfusion, parts: list[str | None], max_new_tokens: int = 0, max_images: int = 4,
-             sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
+             sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
              cfg_schedule: str = "constant", eta: float = 0.0, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = 0) -> list[dict]:
     """An interleaved document, decoded with one KV cache: ``parts`` are given text (str) and
@@ -140,7 +140,8 @@ def document(net: Transfusion, parts: list[str | None], max_new_tokens: int = 0,
     tokens, in which a sampled BOI starts another image (at most ``max_images`` in all).
     Returns segments ``{"text": str}`` / ``{"image": (C, H, W) latent}``; generated text is
     ``{"text": str, "generated": True}``. Image k uses seed ``seed + 1 + k``. A document that may
-    not fit the model's context (``max_seq_len``) is refused before anything runs."""
+    not fit the model's context (``max_seq_len``) is refused before anything runs. ``sampler`` and
+    ``steps`` left unset are the transport's defaults."""
     queue: list[Segment] = [ImageHere() if p is None else GivenText(p, tuple(net.text_tokenizer.encode(p)))
                             for p in parts]
     cache = document_cache(net, [p.ids for p in queue if isinstance(p, GivenText)], parts.count(None),

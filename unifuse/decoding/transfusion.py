@@ -79,11 +79,12 @@ def commit_image(net: Transfusion, cache: KVCache, z: torch.Tensor, img_pos: tor
 
 
 @torch.no_grad()
-def generate(net: Transfusion, conds: list, sampler: str = "ddim", steps: int = 50, cfg_scale: float | None = None,
-             cfg_schedule: str = "constant", eta: float = 0.0, seed: int | list[int] | None = None,
-             use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+def generate(net: Transfusion, conds: list, sampler: str | None = None, steps: int | None = None,
+             cfg_scale: float | None = None, cfg_schedule: str = "constant", eta: float = 0.0,
+             seed: int | list[int] | None = None, use_cache: bool = True, progress: bool = False) -> torch.Tensor:
     """Text -> image: ``[BOS] caption [BOI]`` then an image block -> (B, C, H, W) latents.
-    ``use_cache=False`` reruns the whole rows at every step (the reference)."""
+    ``use_cache=False`` reruns the whole rows at every step (the reference). ``sampler`` and
+    ``steps`` left unset are the transport's default sampler and that sampler's default steps."""
     dev, b, n, v = device_of(net), len(conds), net.n_patches, net.vocab
     settings = SamplingSettings(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, steps=steps, sampler=sampler, eta=eta)
     rows = left_padded([prompt_ids(net, c) for c in Guidance.of(settings).rows(conds)], v.pad, dev)
