@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_transformer import gpt
 from unifuse.config import SamplingOverrides
+from unifuse.lit.generators import TokenGeneratorModule
 from unifuse.sampling import Guidance, SamplingSettings, eval_mode
 
 
@@ -92,3 +94,12 @@ def test_eval_mode_restores_the_mode_it_found_even_on_error(training):
     with pytest.raises(RuntimeError), eval_mode(m):
         raise RuntimeError("in the block")
     assert m.training == training and m[0].training == training
+
+
+def test_a_generator_module_checks_its_sampling_settings_when_it_is_built():
+    module = TokenGeneratorModule(gpt(), sampling={"top_p": 0.9, "top_k": None})
+    assert module.sampling["top_p"] == 0.9 and "top_k" not in module.sampling
+    with pytest.raises(ValueError, match="top_p"):
+        TokenGeneratorModule(gpt(), sampling={"top_p": 0.0})  # a typo'd run fails at start, not at its first grid
+    with pytest.raises(ValueError, match="unknown sampling setting"):
+        TokenGeneratorModule(gpt(), sampling={"cfg": 3.0})

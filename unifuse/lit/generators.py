@@ -23,6 +23,7 @@ from unifuse.models.vqvae import VQVAE
 from unifuse.paradigms import paradigm_of, paradigms
 from unifuse.run.checkpoint import load_net, tokenizer_entry
 from unifuse.run.resume import as_tuples
+from unifuse.sampling.settings import SamplingSettings
 from unifuse.text.tokenizer import ByteTokenizer
 
 
@@ -43,7 +44,7 @@ class GeneratorModule(UnifuseModule):
         self.net, self.cond, self.p_uncond = net, cond, p_uncond
         self.tokenizer_ckpt = str(tokenizer_ckpt) if tokenizer_ckpt else None
         self.sample_prompts = list(sample_prompts or [])
-        self.sampling = {k: v for k, v in dict(sampling or {}).items() if v is not None or k == "cfg_scale"}
+        self.sampling = SamplingSettings.from_dict(sampling).to_dict()  # checked now, not at the first sample
         self.embed_tokenizer = embed_tokenizer
         self._rng = random.Random(seed)
         self.tokenizer = None
